@@ -1,0 +1,202 @@
+"""Contracting MPO cores: rebuilding the matrix, and applying the operator to activations.
+
+Cores have shape ``[r_{k-1}, i_k, j_k, r_k]`` (``i`` indexes output rows, ``j`` input columns).
+Every contraction goes through an :func:`opt_einsum.contract_expression` that is built once per
+(core shapes, batch class) and cached, so the path search never runs on the hot path.
+
+Two ways to compute ``y = x Wᵀ`` for ``x: [B, J]``:
+
+* **dense**: rebuild ``W: [I, J]`` from the cores, then one GEMM (``2·B·I·J`` FLOPs plus the
+  rebuild, which is free when the weight is cached);
+* **cores**: contract ``x`` through the cores without ever forming ``W``.
+
+:func:`choose_path` compares the two by the FLOP count opt_einsum reports, with a penalty on
+the core path for its chain of small, badly shaped GEMMs and a cap on its largest intermediate.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import opt_einsum
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ContractionCost", "apply_mpo", "choose_path", "merge_cores", "path_costs"]
+
+CoreShapes = tuple[tuple[int, int, int, int], ...]
+Path = Literal["cores", "dense"]
+
+#: The core path runs a chain of small GEMMs with permutes in between; on CPU and GPU it
+#: reaches a fraction of the GEMM rate of one large matmul. Measured in
+#: ``benchmarks/bench_linear.py``: a core path needs this many times fewer FLOPs to win.
+CORE_PATH_PENALTY = 4.0
+#: The core path is refused when its largest intermediate exceeds this many times the larger of
+#: the input and output activations (memory traffic, and activations kept for backward).
+CORE_PATH_MAX_INTERMEDIATE = 4.0
+
+
+@dataclass(frozen=True)
+class ContractionCost:
+    """FLOPs and largest intermediate (in elements) of one contraction."""
+
+    flops: int
+    largest_intermediate: int
+
+
+def _symbols(n: int) -> tuple[list[str], list[str], list[str]]:
+    """Bond, row and column index letters for ``n`` cores (``n + 1`` bonds)."""
+    sym = opt_einsum.get_symbol
+    bonds = [sym(k) for k in range(n + 1)]
+    rows = [sym(n + 1 + k) for k in range(n)]
+    cols = [sym(2 * n + 1 + k) for k in range(n)]
+    return bonds, rows, cols
+
+
+def _core_terms(n: int) -> str:
+    bonds, rows, cols = _symbols(n)
+    return ",".join(bonds[k] + rows[k] + cols[k] + bonds[k + 1] for k in range(n))
+
+
+def _merge_equation(n: int) -> str:
+    bonds, rows, cols = _symbols(n)
+    return f"{_core_terms(n)}->{bonds[0]}{''.join(rows)}{''.join(cols)}{bonds[n]}"
+
+
+def _apply_equation(n: int) -> str:
+    bonds, rows, cols = _symbols(n)
+    batch = opt_einsum.get_symbol(3 * n + 1)
+    return f"{batch}{''.join(cols)},{_core_terms(n)}->{batch}{''.join(rows)}"
+
+
+def _batch_class(batch: int) -> int:
+    """Round a batch size up to a power of two: one cached path per class, not per size."""
+    return 1 << max(0, math.ceil(math.log2(max(batch, 1))))
+
+
+@functools.lru_cache(maxsize=512)
+def _merge_expression(shapes: CoreShapes) -> opt_einsum.contract.ContractExpression:
+    return opt_einsum.contract_expression(_merge_equation(len(shapes)), *shapes, optimize="auto-hq")
+
+
+@functools.lru_cache(maxsize=512)
+def _apply_expression(shapes: CoreShapes, batch_class: int) -> opt_einsum.contract.ContractExpression:
+    x_shape = (batch_class, *(s[2] for s in shapes))
+    return opt_einsum.contract_expression(_apply_equation(len(shapes)), x_shape, *shapes, optimize="auto-hq")
+
+
+@functools.lru_cache(maxsize=512)
+def _merge_cost(shapes: CoreShapes) -> ContractionCost:
+    _, info = opt_einsum.contract_path(_merge_equation(len(shapes)), *shapes, shapes=True, optimize="auto-hq")
+    return ContractionCost(int(info.opt_cost), int(info.largest_intermediate))
+
+
+@functools.lru_cache(maxsize=512)
+def _apply_cost(shapes: CoreShapes, batch_class: int) -> ContractionCost:
+    x_shape = (batch_class, *(s[2] for s in shapes))
+    _, info = opt_einsum.contract_path(_apply_equation(len(shapes)), x_shape, *shapes, shapes=True, optimize="auto-hq")
+    return ContractionCost(int(info.opt_cost), int(info.largest_intermediate))
+
+
+def core_shapes(cores: Sequence[torch.Tensor]) -> CoreShapes:
+    return tuple(tuple(int(d) for d in c.shape) for c in cores)  # type: ignore[misc]
+
+
+def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract a run of cores into one block.
+
+    Args:
+        cores: ``[r_{k-1}, i_k, j_k, r_k]`` for ``k`` in the run.
+
+    Returns:
+        ``[r_first, Π i_k, Π j_k, r_last]``; for a whole MPO, ``[1, I', J', 1]``.
+    """
+    shapes = core_shapes(cores)
+    block = _merge_expression(shapes)(*cores)
+    rows = math.prod(s[1] for s in shapes)
+    cols = math.prod(s[2] for s in shapes)
+    return block.reshape(shapes[0][0], rows, cols, shapes[-1][3])
+
+
+@dataclass(frozen=True)
+class PathCosts:
+    """Costs of both ways to apply an MPO to ``batch`` rows, and the one :func:`choose_path` picks."""
+
+    cores: ContractionCost
+    dense: ContractionCost
+    chosen: Path
+
+
+def path_costs(shapes: CoreShapes, batch: int, *, weight_cached: bool = False) -> PathCosts:
+    """FLOPs and memory of the core path and the dense path for a batch of ``batch`` rows.
+
+    ``dense`` counts the rebuild of ``W`` unless ``weight_cached`` and one ``[batch, J] x [J, I]``
+    GEMM; its largest intermediate is ``W`` itself.
+    """
+    rows = math.prod(s[1] for s in shapes)
+    cols = math.prod(s[2] for s in shapes)
+    batch_class = _batch_class(batch)
+    gemm = 2 * batch_class * rows * cols
+    merge = ContractionCost(0, 0) if weight_cached else _merge_cost(shapes)
+    dense = ContractionCost(merge.flops + gemm, max(merge.largest_intermediate, rows * cols))
+    cores = _apply_cost(shapes, batch_class)
+    activations = batch_class * max(rows, cols)
+    cores_ok = (
+        cores.flops * CORE_PATH_PENALTY < dense.flops
+        and cores.largest_intermediate <= CORE_PATH_MAX_INTERMEDIATE * activations
+    )
+    return PathCosts(cores, dense, "cores" if cores_ok else "dense")
+
+
+def choose_path(shapes: CoreShapes, batch: int, *, weight_cached: bool = False) -> Path:
+    """``"cores"`` or ``"dense"``: the cheaper way to apply an MPO to ``batch`` rows."""
+    return path_costs(shapes, batch, weight_cached=weight_cached).chosen
+
+
+def apply_mpo(
+    x: torch.Tensor,
+    cores: Sequence[torch.Tensor],
+    out_features: int,
+    in_features: int,
+    *,
+    bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    path: Path | Literal["auto"] = "auto",
+) -> torch.Tensor:
+    """``y = x Wᵀ + b`` for the MPO ``W: [out_features, in_features]`` given by ``cores``.
+
+    Args:
+        x: ``[..., in_features]``.
+        cores: ``[r_{k-1}, i_k, j_k, r_k]``; ``Π i_k >= out_features`` and ``Π j_k >= in_features``
+            (zero padding beyond the true sizes is handled here).
+        bias: optional ``[out_features]``.
+        weight: the rebuilt ``W: [out_features, in_features]`` if the caller has it cached.
+        path: ``"auto"`` picks by :func:`choose_path`.
+
+    Returns:
+        ``[..., out_features]``.
+    """
+    if x.shape[-1] != in_features:
+        raise ValueError(f"expected input with last dimension {in_features}, got shape {tuple(x.shape)}")
+    shapes = core_shapes(cores)
+    lead = x.shape[:-1]
+    batch = math.prod(lead)
+    if path == "auto":
+        path = choose_path(shapes, batch, weight_cached=weight is not None)
+    if path == "dense":
+        if weight is None:
+            weight = merge_cores(cores)[0, :out_features, :in_features, 0]
+        return F.linear(x, weight, bias)
+    cols = math.prod(s[2] for s in shapes)
+    flat = x.reshape(batch, in_features)
+    if cols != in_features:
+        flat = F.pad(flat, (0, cols - in_features))
+    flat = flat.reshape(batch, *(s[2] for s in shapes))
+    y = _apply_expression(shapes, _batch_class(batch))(flat, *cores).reshape(batch, -1)[:, :out_features]
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, out_features)
