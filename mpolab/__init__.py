@@ -1,6 +1,31 @@
-"""mpolab: matrices as MPOs (tensor-train matrices) for PyTorch."""
+"""mpolab: weight matrices as MPOs (tensor-train matrices) for PyTorch.
 
+Decompose a matrix with real truncation control, contract it fast, and turn ``nn.Linear`` /
+``nn.Embedding`` layers into compressed, trainable MPO layers.
+
+Example:
+    >>> import torch, mpolab
+    >>> mpo = mpolab.decompose(torch.randn(3072, 768), rel_tol=0.3)
+    >>> layer = mpolab.MPOLinear.from_linear(torch.nn.Linear(768, 3072), max_rank=64)
+"""
+
+from . import contract, shapes, truncation
 from .decompose import decompose
 from .mpo import MPO
+from .nn import MPOEmbedding, MPOLinear, MPOModule
+from .shapes import factorize, plan_factors
 
-__all__ = ["MPO", "decompose"]
+__version__ = "0.1.0"
+
+__all__ = [
+    "MPO",
+    "MPOEmbedding",
+    "MPOLinear",
+    "MPOModule",
+    "contract",
+    "decompose",
+    "factorize",
+    "plan_factors",
+    "shapes",
+    "truncation",
+]

@@ -111,8 +111,13 @@ def decompose(
             compute_dtype=compute_dtype,
             center=MPO.central_index_for(n),
         )
-    error = math.sqrt(discarded / norm_sq) if norm_sq > 0 else 0.0
-    return MPO([c.to(W.dtype) for c in cores], out_features, in_features, spectra, error)
+    mpo = MPO([c.to(W.dtype) for c in cores], out_features, in_features, spectra)
+    if plan.is_padded:
+        # The sweep's error counts the padded zeros too; measure the true block instead.
+        with torch.no_grad():
+            discarded = squared_norm(mpo.to(compute_dtype).to_matrix() - W.to(compute_dtype))
+    mpo.truncation_error = math.sqrt(discarded / norm_sq) if norm_sq > 0 else 0.0
+    return mpo
 
 
 def _norm_sq(A: torch.Tensor) -> float:

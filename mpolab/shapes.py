@@ -192,7 +192,9 @@ def plan_factors(
 
     outs = _side(out_features, num_cores, out_factors, pad, "out", in_features, in_factors)
     ins = _side(in_features, num_cores, in_factors, pad, "in", out_features, out_factors)
-    bad = [k for k, (i, j) in enumerate(zip(outs, ins)) if i * j < 2]
+    if in_factors is None and _single_entry_cores(outs, ins) and not _single_entry_cores(outs, ins[::-1]):
+        ins = ins[::-1]  # sizes with few prime factors: put the 1s where the other side has factors
+    bad = _single_entry_cores(outs, ins)
     if bad:
         raise ValueError(
             f"num_cores={num_cores} is too many for a [{out_features}, {in_features}] matrix: "
@@ -200,6 +202,10 @@ def plan_factors(
             f"use num_cores <= {_max_cores(out_features, in_features)} or give the factors explicitly"
         )
     return FactorPlan(tuple(outs), tuple(ins), out_features, in_features)
+
+
+def _single_entry_cores(outs: Sequence[int], ins: Sequence[int]) -> list[int]:
+    return [k for k, (i, j) in enumerate(zip(outs, ins)) if i * j < 2]
 
 
 def _side(

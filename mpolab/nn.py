@@ -1,0 +1,422 @@
+"""Trainable MPO layers: :class:`MPOLinear` and :class:`MPOEmbedding`.
+
+Each core is its own ``nn.Parameter`` (``cores.0`` … ``cores.{n-1}`` in the ``state_dict``), so
+optimizers, ``requires_grad_``, DDP and checkpointing work as usual. The core at
+``central_index`` is the central tensor; :meth:`MPOModule.freeze_central` gives MPOP's
+lightweight fine-tuning (only auxiliary tensors train) and :meth:`MPOModule.central_parameters` /
+:meth:`MPOModule.auxiliary_parameters` give per-group learning rates (the authors' ``mpo_lr``).
+
+When no gradient is needed (``eval()`` under ``torch.no_grad()``/``inference_mode``, or frozen
+cores), the rebuilt dense weight is cached and reused until a core changes (any in-place update
+bumps the tensor's version counter, which the cache checks). In training, each forward either
+rebuilds ``W`` once or contracts the activations through the cores, whichever
+:func:`mpolab.contract.choose_path` finds cheaper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import contract
+from .decompose import decompose
+from .mpo import MPO
+from .shapes import plan_factors
+
+__all__ = ["MPOEmbedding", "MPOLinear", "MPOModule"]
+
+
+class MPOModule(nn.Module):
+    """Shared machinery of the MPO layers: cores as parameters, central/auxiliary split, weight cache.
+
+    The represented matrix is ``[out_features, in_features]``; for an embedding that is
+    ``[num_embeddings, embedding_dim]``.
+    """
+
+    out_features: int
+    in_features: int
+
+    def __init__(self, mpo: MPO, *, cache_weight: bool = True) -> None:
+        super().__init__()
+        self.out_features, self.in_features = mpo.shape
+        self.cores = nn.ParameterList(nn.Parameter(c.detach().clone()) for c in mpo.cores)
+        self.cache_weight = cache_weight
+        self._cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_cores(self) -> int:
+        return len(self.cores)
+
+    @property
+    def central_index(self) -> int:
+        return MPO.central_index_for(self.num_cores)
+
+    @property
+    def out_factors(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[1]) for c in self.cores)
+
+    @property
+    def in_factors(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[2]) for c in self.cores)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[3]) for c in self.cores[:-1])
+
+    @property
+    def mpo(self) -> MPO:
+        """The cores as an :class:`MPO` value (sharing storage, detached from autograd)."""
+        return MPO([c.detach() for c in self.cores], self.out_features, self.in_features)
+
+    def num_mpo_params(self) -> int:
+        return sum(c.numel() for c in self.cores)
+
+    # ------------------------------------------------------------------ training helpers
+    def central_parameters(self) -> Iterator[nn.Parameter]:
+        """The central tensor (one parameter)."""
+        yield self.cores[self.central_index]
+
+    def auxiliary_parameters(self) -> Iterator[nn.Parameter]:
+        """The auxiliary tensors (every core but the central one)."""
+        for k, core in enumerate(self.cores):
+            if k != self.central_index:
+                yield core
+
+    def freeze_central(self) -> MPOModule:
+        """MPOP lightweight fine-tuning: the central tensor stops training, auxiliary tensors train."""
+        for p in self.central_parameters():
+            p.requires_grad_(False)
+        return self
+
+    def unfreeze_central(self) -> MPOModule:
+        for p in self.central_parameters():
+            p.requires_grad_(True)
+        return self
+
+    # ------------------------------------------------------------------ dense weight
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(c.requires_grad for c in self.cores)
+
+    def _cache_key(self) -> tuple[Any, ...]:
+        return tuple((c.data_ptr(), c._version, c.dtype, c.device) for c in self.cores)
+
+    def _rebuild(self) -> torch.Tensor:
+        return contract.merge_cores(list(self.cores))[0, : self.out_features, : self.in_features, 0]
+
+    def dense_weight(self) -> torch.Tensor:
+        """The represented matrix ``[out_features, in_features]``.
+
+        Differentiable when gradients are needed; otherwise served from (and stored in) the cache.
+        """
+        if self._needs_grad() or not self.cache_weight:
+            return self._rebuild()
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self._rebuild())
+        return self._cache[1]
+
+    def _cached_weight_or_none(self) -> torch.Tensor | None:
+        if self.cache_weight and not self._needs_grad():
+            return self.dense_weight()
+        return None
+
+    def clear_cache(self) -> None:
+        """Drop the cached dense weight (it is rebuilt on the next no-grad call)."""
+        self._cache = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MPOModule:  # .to(), .cuda(), .half()
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
+    def _mpo_repr(self) -> str:
+        dense = self.out_features * self.in_features
+        return (
+            f"out_factors={self.out_factors}, in_factors={self.in_factors}, ranks={self.ranks}, "
+            f"params={self.num_mpo_params()} ({self.num_mpo_params() / dense:.1%} of dense)"
+        )
+
+
+class MPOLinear(MPOModule):
+    """A linear layer ``y = x Wᵀ + b`` whose weight ``W: [out_features, in_features]`` is an MPO.
+
+    Args:
+        in_features, out_features: as :class:`torch.nn.Linear`.
+        max_rank: bond dimension(s) of the randomly initialised MPO (int or one per bond).
+        num_cores, in_factors, out_factors: how the sizes are factorised
+            (:func:`mpolab.shapes.plan_factors`).
+        bias: learn an additive bias.
+        cache_weight: cache the rebuilt weight for no-grad forwards (costs one dense weight of
+            memory; turn off to keep inference memory compressed).
+
+    Shape:
+        ``x: [..., in_features] -> [..., out_features]``.
+
+    Example:
+        >>> layer = MPOLinear.from_linear(nn.Linear(768, 3072), rel_tol=0.1)
+        >>> layer.freeze_central()
+        >>> y = layer(torch.randn(8, 768))          # [8, 3072]
+        >>> dense = layer.to_linear()
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        max_rank: int | Sequence[int] = 16,
+        num_cores: int | None = None,
+        in_factors: Sequence[int] | None = None,
+        out_factors: Sequence[int] | None = None,
+        bias: bool = True,
+        cache_weight: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        mpo = _random_mpo(out_features, in_features, max_rank, num_cores, out_factors, in_factors, device, dtype)
+        super().__init__(mpo, cache_weight=cache_weight)
+        if bias:
+            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(out_features, device=device, dtype=mpo.dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random cores whose product has ``nn.Linear``'s weight variance (``1 / (3·in_features)``); bias as ``nn.Linear``."""
+        _init_cores_(self.cores, target_std=1.0 / math.sqrt(3 * self.in_features))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.clear_cache()
+
+    @classmethod
+    def from_mpo(cls, mpo: MPO, bias: torch.Tensor | None = None, *, cache_weight: bool = True) -> MPOLinear:
+        """Wrap an :class:`MPO` of ``W: [out, in]`` (cores are copied into parameters)."""
+        layer = cls.__new__(cls)
+        MPOModule.__init__(layer, mpo, cache_weight=cache_weight)
+        if bias is not None:
+            if bias.shape != (mpo.out_features,):
+                raise ValueError(f"bias must have shape [{mpo.out_features}], got {tuple(bias.shape)}")
+            layer.bias = nn.Parameter(bias.detach().clone().to(mpo.device))
+        else:
+            layer.register_parameter("bias", None)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, cache_weight: bool = True, **decompose_kwargs: Any) -> MPOLinear:
+        """Decompose a :class:`torch.nn.Linear` (bias kept, same device and dtype).
+
+        ``decompose_kwargs`` go to :func:`mpolab.decompose` (``num_cores``, ``max_rank``,
+        ``rel_tol``, ``max_params``, ``ratio``, factors, ``svd``, ``pad``).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        mpo = decompose(linear.weight.detach(), **decompose_kwargs)
+        return cls.from_mpo(mpo, linear.bias, cache_weight=cache_weight)
+
+    def to_linear(self) -> nn.Linear:
+        """A dense :class:`torch.nn.Linear` with the rebuilt weight (same device and dtype)."""
+        weight = self._rebuild().detach()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight ``[out_features, in_features]`` (rebuilt; for code that reads ``.weight``)."""
+        return self.dense_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"MPOLinear expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}"
+            )
+        return contract.apply_mpo(
+            x, list(self.cores), self.out_features, self.in_features,
+            bias=self.bias, weight=self._cached_weight_or_none(),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self._mpo_repr()}"
+        )
+
+
+class MPOEmbedding(MPOModule):
+    """An embedding table ``[num_embeddings, embedding_dim]`` stored as an MPO.
+
+    Lookups in training contract only the rows they need: the cores are split at one bond into
+    a left block ``[I_L, J_L, r]`` and a right block ``[r, I_R, J_R]``, and a token ``v`` with
+    ``(v_L, v_R) = divmod(v, I_R)`` gets ``L[v_L] @ R[:, v_R]``: ``O(tokens · dim · r)`` work,
+    never the whole table. With no gradient needed, the cached table is indexed directly.
+
+    Shape:
+        ``ids: [*] (int) -> [*, embedding_dim]``.
+
+    Example:
+        >>> emb = MPOEmbedding.from_embedding(nn.Embedding(30522, 384), max_rank=64)
+        >>> emb(torch.tensor([[101, 2023, 102]])).shape
+        torch.Size([1, 3, 384])
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        max_rank: int | Sequence[int] = 16,
+        num_cores: int | None = None,
+        padding_idx: int | None = None,
+        cache_weight: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        mpo = _random_mpo(num_embeddings, embedding_dim, max_rank, num_cores, None, None, device, dtype)
+        super().__init__(mpo, cache_weight=cache_weight)
+        self.padding_idx = padding_idx
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random cores whose product has ``nn.Embedding``'s ``N(0, 1)`` entries."""
+        _init_cores_(self.cores, target_std=1.0)
+        self.clear_cache()
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    @classmethod
+    def from_mpo(cls, mpo: MPO, *, padding_idx: int | None = None, cache_weight: bool = True) -> MPOEmbedding:
+        """Wrap an :class:`MPO` of the table ``[num_embeddings, embedding_dim]``."""
+        emb = cls.__new__(cls)
+        MPOModule.__init__(emb, mpo, cache_weight=cache_weight)
+        emb.padding_idx = padding_idx
+        return emb
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, *, cache_weight: bool = True, **decompose_kwargs: Any) -> MPOEmbedding:
+        """Decompose a :class:`torch.nn.Embedding`'s table (rows are tokens).
+
+        ``padding_idx`` is kept for :meth:`to_embedding`; its row is represented like any other
+        (an MPO cannot pin one row's gradient to zero). ``max_norm`` and sparse gradients are
+        not supported.
+        """
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
+        if embedding.max_norm is not None or embedding.sparse:
+            raise ValueError("MPOEmbedding does not support max_norm or sparse=True embeddings")
+        mpo = decompose(embedding.weight.detach(), **decompose_kwargs)
+        return cls.from_mpo(mpo, padding_idx=embedding.padding_idx, cache_weight=cache_weight)
+
+    def to_embedding(self) -> nn.Embedding:
+        weight = self._rebuild().detach()
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            emb.weight.copy_(weight)
+        return emb
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense table ``[num_embeddings, embedding_dim]`` (rebuilt)."""
+        return self.dense_weight()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"MPOEmbedding expects int64/int32 token ids, got {ids.dtype}")
+        table = self._cached_weight_or_none()
+        if table is not None:
+            return F.embedding(ids, table)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(
+                f"token ids must be in [0, {self.num_embeddings}), got range [{int(ids.min())}, {int(ids.max())}]"
+            )
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        rows = self._lookup(unique)
+        return rows[inverse].reshape(*ids.shape, self.embedding_dim)
+
+    def _lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows of the table for distinct ``tokens: [N]`` -> ``[N, embedding_dim]``."""
+        cores = list(self.cores)
+        b = _best_split(cores, tokens.numel())
+        left = contract.merge_cores(cores[:b])[0]  # [I_L, J_L, r]
+        right = contract.merge_cores(cores[b:])[..., 0]  # [r, I_R, J_R]
+        rows_right = right.shape[1]
+        v_left, v_right = tokens.div(rows_right, rounding_mode="floor"), tokens.remainder(rows_right)
+        rows = torch.bmm(left[v_left], right[:, v_right].transpose(0, 1))  # [N, J_L, J_R]
+        return rows.reshape(tokens.numel(), -1)[:, : self.embedding_dim]
+
+    def extra_repr(self) -> str:
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}, {self._mpo_repr()}"
+
+
+def _best_split(cores: Sequence[torch.Tensor], num_tokens: int) -> int:
+    """Bond to split the cores at for a lookup of ``num_tokens`` rows: least work in total."""
+
+    def cost(b: int) -> int:
+        rows_l = math.prod(c.shape[1] for c in cores[:b])
+        cols_l = math.prod(c.shape[2] for c in cores[:b])
+        rows_r = math.prod(c.shape[1] for c in cores[b:])
+        cols_r = math.prod(c.shape[2] for c in cores[b:])
+        r = cores[b].shape[0]
+        return rows_l * cols_l * r + r * rows_r * cols_r + num_tokens * cols_l * cols_r * r
+
+    return min(range(1, len(cores)), key=cost)
+
+
+def _random_mpo(
+    out_features: int,
+    in_features: int,
+    max_rank: int | Sequence[int],
+    num_cores: int | None,
+    out_factors: Sequence[int] | None,
+    in_factors: Sequence[int] | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> MPO:
+    """An uninitialised MPO of the given structure (values set by ``reset_parameters``)."""
+    from .truncation import bond_caps
+
+    plan = plan_factors(out_features, in_features, num_cores, out_factors=out_factors, in_factors=in_factors)
+    ranks = bond_caps([i * j for i, j in zip(plan.out_factors, plan.in_factors)], max_rank=max_rank)
+    bonds = [1, *ranks, 1]
+    dtype = dtype or torch.get_default_dtype()
+    cores = [
+        torch.empty(bonds[k], i, j, bonds[k + 1], device=device, dtype=dtype)
+        for k, (i, j) in enumerate(zip(plan.out_factors, plan.in_factors))
+    ]
+    return MPO(cores, out_features, in_features)
+
+
+@torch.no_grad()
+def _init_cores_(cores: Sequence[torch.Tensor], target_std: float) -> None:
+    """Gaussian cores with equal std ``σ`` so that entries of their product have std ``target_std``.
+
+    An entry of the product sums ``Π r_k`` products of ``n`` core entries, so its variance is
+    ``σ^(2n) Π r_k``.
+    """
+    n = len(cores)
+    bond_product = math.prod(int(c.shape[3]) for c in cores[:-1])
+    sigma = (target_std**2 / bond_product) ** (1 / (2 * n))
+    for core in cores:
+        core.normal_(0.0, sigma)
