@@ -6,9 +6,11 @@ and **truncates before moving on**, so the full-rank decomposition is never comp
 
 Error guarantee (Oseledets' TT-SVD bound, MPOP appendix): with per-step Frobenius errors ``ε_k``,
 ``‖W - Ŵ‖_F <= sqrt(Σ_k ε_k²)`` (with orthonormal left factors it is an equality). ``rel_tol=ε``
-gives every one of the ``n - 1`` bonds the budget ``ε‖W‖_F / sqrt(n - 1)``, hence
-``‖W - Ŵ‖_F <= ε‖W‖_F``; the error actually achieved is reported as
-:attr:`MPO.truncation_error`.
+gives the ``n - 1`` bonds the total budget ``Σ ε_k² <= ε²‖W‖²_F``: the first bond may use
+``ε²‖W‖²/(n-1)`` (Oseledets' even split), and every later bond an equal share of whatever the
+earlier bonds left unused (the outer bonds of an MPO are tiny and rarely truncate, so an even
+split wastes most of the tolerance). Hence ``‖W - Ŵ‖_F <= ε‖W‖_F``; the error actually achieved
+is reported as :attr:`MPO.truncation_error`.
 """
 
 from __future__ import annotations
@@ -82,9 +84,12 @@ def decompose(
         if not 0 < rel_tol < 1:
             raise ValueError(f"rel_tol must be in (0, 1) (relative Frobenius error), got {rel_tol}")
     out_features, in_features = W.shape
+    num_cores = _cores_from_ranks(num_cores, max_rank, out_factors, in_factors)
     plan = plan_factors(out_features, in_features, num_cores, out_factors=out_factors, in_factors=in_factors, pad=pad)
     sizes = [i * j for i, j in zip(plan.out_factors, plan.in_factors)]
-    caps = bond_caps(sizes, max_rank=max_rank, max_params=_resolve_budget(max_params, ratio, out_features * in_features))
+    caps = bond_caps(
+        sizes, max_rank=max_rank, max_params=_resolve_budget(max_params, ratio, out_features * in_features)
+    )
     if svd == "randomized" and max_rank is None and max_params is None and ratio is None:
         raise ValueError("svd='randomized' needs a rank cap: pass max_rank, max_params or ratio")
 
@@ -100,7 +105,7 @@ def decompose(
         # [I, J] -> [i1..in, j1..jn] -> [i1, j1, i2, j2, ...]
         order = [axis for k in range(n) for axis in (k, n + k)]
         T = A.reshape(*plan.out_factors, *plan.in_factors).permute(order)
-        budget = None if rel_tol is None else rel_tol**2 * norm_sq / (n - 1)
+        budget = None if rel_tol is None else rel_tol**2 * norm_sq
         first = T.reshape(1, plan.out_factors[0], plan.in_factors[0], -1)
         cores, spectra, discarded = _sweep(
             first=first,
@@ -149,7 +154,8 @@ def _sweep(
             of a right-canonical MPO when ``rest`` holds the other cores (TT rounding).
         rest: the remaining cores ``[r, i, j, r']``, or the remaining ``(i, j)`` factor pairs.
         caps: one rank cap per bond.
-        budget_sq: discarded energy allowed per bond, or ``None``.
+        budget_sq: discarded energy allowed in total, or ``None``. Each bond may use an equal
+            share of what the bonds before it left unused, so the total is never exceeded.
         center: the result is mixed-canonical around this core.
 
     Returns:
@@ -162,7 +168,8 @@ def _sweep(
     r_left, i, j = 1, int(first.shape[1]), int(first.shape[2])
     carry = first.to(compute_dtype)  # [r_left, i, j, rest...]
     for k, cap in enumerate(caps):
-        split = low_rank_split(carry.reshape(r_left * i * j, -1), cap, budget_sq, backend)
+        step_budget = None if budget_sq is None else max(budget_sq - discarded, 0.0) / (len(caps) - k)
+        split = low_rank_split(carry.reshape(r_left * i * j, -1), cap, step_budget, backend)
         splits.append(split)
         shapes.append((r_left, i, j))
         discarded += split.discarded_sq
@@ -184,6 +191,18 @@ def _sweep(
     for k in range(min(center, len(splits))):
         cores[k] = splits[k].left.reshape(*shapes[k], -1)
     return cores, [s.singular_values for s in splits], discarded
+
+
+def _cores_from_ranks(
+    num_cores: int | None,
+    max_rank: int | Sequence[int] | None,
+    out_factors: Sequence[int] | None,
+    in_factors: Sequence[int] | None,
+) -> int | None:
+    """A per-bond ``max_rank`` list fixes the number of cores when nothing else does."""
+    if num_cores is None and out_factors is None and in_factors is None and isinstance(max_rank, Sequence):
+        return len(max_rank) + 1
+    return num_cores
 
 
 def _resolve_budget(max_params: int | None, ratio: float | None, dense_params: int) -> int | None:

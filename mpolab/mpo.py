@@ -211,7 +211,7 @@ class MPO:
             cores = [c.to(work_dtype) for c in right.cores]
             norm_sq = float(cores[0].double().square().sum())
             backend, compute_dtype = _backend_for(svd, work_dtype, rel_tol, self.num_cores)
-            budget = None if rel_tol is None else rel_tol**2 * norm_sq / (self.num_cores - 1)
+            budget = None if rel_tol is None else rel_tol**2 * norm_sq
             new_cores, spectra, discarded = _sweep(
                 first=cores[0],
                 rest=cores[1:],
@@ -248,9 +248,7 @@ class MPO:
         return TTMatrix(factors)
 
     @classmethod
-    def from_tensorly(
-        cls, tt_matrix: Any, *, out_features: int | None = None, in_features: int | None = None
-    ) -> MPO:
+    def from_tensorly(cls, tt_matrix: Any, *, out_features: int | None = None, in_features: int | None = None) -> MPO:
         """Build an :class:`MPO` from a tensorly ``TTMatrix`` (or its list of factors).
 
         ``out_features``/``in_features`` default to the full products of the factors; pass the

@@ -193,7 +193,10 @@ class MPOLinear(MPOModule):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Random cores whose product has ``nn.Linear``'s weight variance (``1 / (3·in_features)``); bias as ``nn.Linear``."""
+        """Random cores whose product has ``nn.Linear``'s weight variance ``1 / (3·in_features)``.
+
+        The bias is initialised as ``nn.Linear`` does.
+        """
         _init_cores_(self.cores, target_std=1.0 / math.sqrt(3 * self.in_features))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
@@ -228,7 +231,9 @@ class MPOLinear(MPOModule):
     def to_linear(self) -> nn.Linear:
         """A dense :class:`torch.nn.Linear` with the rebuilt weight (same device and dtype)."""
         weight = self._rebuild().detach()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
+        )
         with torch.no_grad():
             linear.weight.copy_(weight)
             if self.bias is not None:
@@ -246,8 +251,12 @@ class MPOLinear(MPOModule):
                 f"MPOLinear expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}"
             )
         return contract.apply_mpo(
-            x, list(self.cores), self.out_features, self.in_features,
-            bias=self.bias, weight=self._cached_weight_or_none(),
+            x,
+            list(self.cores),
+            self.out_features,
+            self.in_features,
+            bias=self.bias,
+            weight=self._cached_weight_or_none(),
         )
 
     def extra_repr(self) -> str:
@@ -313,7 +322,9 @@ class MPOEmbedding(MPOModule):
         return emb
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, *, cache_weight: bool = True, **decompose_kwargs: Any) -> MPOEmbedding:
+    def from_embedding(
+        cls, embedding: nn.Embedding, *, cache_weight: bool = True, **decompose_kwargs: Any
+    ) -> MPOEmbedding:
         """Decompose a :class:`torch.nn.Embedding`'s table (rows are tokens).
 
         ``padding_idx`` is kept for :meth:`to_embedding`; its row is represented like any other
@@ -329,8 +340,13 @@ class MPOEmbedding(MPOModule):
 
     def to_embedding(self) -> nn.Embedding:
         weight = self._rebuild().detach()
-        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
-                           device=weight.device, dtype=weight.dtype)
+        emb = nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            padding_idx=self.padding_idx,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         with torch.no_grad():
             emb.weight.copy_(weight)
         return emb
@@ -395,8 +411,10 @@ def _random_mpo(
     dtype: torch.dtype | None,
 ) -> MPO:
     """An uninitialised MPO of the given structure (values set by ``reset_parameters``)."""
+    from .decompose import _cores_from_ranks
     from .truncation import bond_caps
 
+    num_cores = _cores_from_ranks(num_cores, max_rank, out_factors, in_factors)
     plan = plan_factors(out_features, in_features, num_cores, out_factors=out_factors, in_factors=in_factors)
     ranks = bond_caps([i * j for i, j in zip(plan.out_factors, plan.in_factors)], max_rank=max_rank)
     bonds = [1, *ranks, 1]

@@ -225,12 +225,13 @@ def _side(
         return tuple(int(f) for f in factors)
     hint = ""
     if other_factors is None and product == other_size:
-        hint = f" (it equals the {'in' if side == 'out' else 'out'} size: is the matrix transposed? W must be [out, in])"
+        hint = (
+            f" (it equals the {'in' if side == 'out' else 'out'} size: is the matrix transposed? W must be [out, in])"
+        )
     elif product > size:
         hint = "; pass pad=True to zero-pad to that size"
     raise ValueError(
-        f"{side}_factors={list(factors)} multiply to {product}, but the matrix has "
-        f"{size} {side} features{hint}"
+        f"{side}_factors={list(factors)} multiply to {product}, but the matrix has {size} {side} features{hint}"
     )
 
 

@@ -79,9 +79,7 @@ def test_exact_decomposition_matches_tensorly_up_to_gauge(torch_backend):
     W = torch.randn(96, 120, dtype=torch.float64)
     ours = decompose(W, num_cores=3)
     theirs = tensorly_mpo(W, ours)
-    torch.testing.assert_close(
-        tt_matrix_to_tensor(ours.to_tensorly()).reshape(96, 120), W, atol=1e-10, rtol=0
-    )
+    torch.testing.assert_close(tt_matrix_to_tensor(ours.to_tensorly()).reshape(96, 120), W, atol=1e-10, rtol=0)
     assert_same_up_to_gauge(ours, theirs, atol=1e-9)
 
 
@@ -142,7 +140,9 @@ def test_per_bond_singular_values_are_kept():
     assert len(mpo.singular_values) == mpo.num_cores - 1
     n = mpo.num_cores
     order = [axis for k in range(n) for axis in (k, n + k)]
-    unfolding = W.reshape(*mpo.out_factors, *mpo.in_factors).permute(order).reshape(mpo.out_factors[0] * mpo.in_factors[0], -1)
+    unfolding = (
+        W.reshape(*mpo.out_factors, *mpo.in_factors).permute(order).reshape(mpo.out_factors[0] * mpo.in_factors[0], -1)
+    )
     torch.testing.assert_close(mpo.singular_values[0], torch.linalg.svdvals(unfolding), atol=1e-10, rtol=1e-8)
     for s in mpo.singular_values:  # full spectra, descending, beyond the kept rank
         assert torch.all(s[:-1] >= s[1:]) and s.numel() >= 4
@@ -191,7 +191,9 @@ def test_prime_heavy_sizes_are_padded_and_unpadded_exactly(n):
     x = torch.randn(5, 48, dtype=torch.float64)
     torch.testing.assert_close(mpo.apply(x, path="cores"), x @ W.T)
     Wt = W.T.contiguous()
-    torch.testing.assert_close(decompose(Wt, num_cores=3).apply(torch.randn(2, n, dtype=torch.float64)).shape, torch.Size([2, 48]))
+    torch.testing.assert_close(
+        decompose(Wt, num_cores=3).apply(torch.randn(2, n, dtype=torch.float64)).shape, torch.Size([2, 48])
+    )
 
 
 @pytest.mark.parametrize("backend", ["gram", "svd", "randomized"])
