@@ -10,6 +10,7 @@ Example:
 """
 
 from . import contract, shapes, truncation
+from .compress import CompressionReport, compress, find_targets
 from .decompose import decompose
 from .mpo import MPO
 from .nn import MPOEmbedding, MPOLinear, MPOModule
@@ -18,13 +19,16 @@ from .shapes import factorize, plan_factors
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressionReport",
     "MPO",
     "MPOEmbedding",
     "MPOLinear",
     "MPOModule",
+    "compress",
     "contract",
     "decompose",
     "factorize",
+    "find_targets",
     "plan_factors",
     "shapes",
     "truncation",

@@ -26,7 +26,7 @@ import opt_einsum
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ContractionCost", "apply_mpo", "choose_path", "merge_cores", "path_costs"]
+__all__ = ["ContractionCost", "PathCosts", "apply_mpo", "choose_path", "core_shapes", "merge_cores", "path_costs"]
 
 CoreShapes = tuple[tuple[int, int, int, int], ...]
 Path = Literal["cores", "dense"]
@@ -36,7 +36,7 @@ Path = Literal["cores", "dense"]
 #: ``benchmarks/bench_linear.py``: a core path needs this many times fewer FLOPs to win.
 CORE_PATH_PENALTY = 4.0
 #: The core path is refused when its largest intermediate exceeds this many times the larger of
-#: the input and output activations (memory traffic, and activations kept for backward).
+#: the input and output activations, unless the dense path's own intermediate (``W``) is larger.
 CORE_PATH_MAX_INTERMEDIATE = 4.0
 
 
@@ -145,10 +145,8 @@ def path_costs(shapes: CoreShapes, batch: int, *, weight_cached: bool = False) -
     dense = ContractionCost(merge.flops + gemm, max(merge.largest_intermediate, rows * cols))
     cores = _apply_cost(shapes, batch_class)
     activations = batch_class * max(rows, cols)
-    cores_ok = (
-        cores.flops * CORE_PATH_PENALTY < dense.flops
-        and cores.largest_intermediate <= CORE_PATH_MAX_INTERMEDIATE * activations
-    )
+    memory_cap = max(CORE_PATH_MAX_INTERMEDIATE * activations, dense.largest_intermediate)
+    cores_ok = cores.flops * CORE_PATH_PENALTY < dense.flops and cores.largest_intermediate <= memory_cap
     return PathCosts(cores, dense, "cores" if cores_ok else "dense")
 
 
@@ -185,6 +183,9 @@ def apply_mpo(
     shapes = core_shapes(cores)
     lead = x.shape[:-1]
     batch = math.prod(lead)
+    if batch == 0:
+        y = x.new_zeros(*lead, out_features)
+        return y if bias is None else y + bias
     if path == "auto":
         path = choose_path(shapes, batch, weight_cached=weight is not None)
     if path == "dense":

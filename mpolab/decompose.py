@@ -21,9 +21,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .mpo import MPO, _backend_for, _right_orthonormalize
+from .mpo import MPO, _backend_for, _right_orthonormalize, _work_dtype
 from .shapes import plan_factors
-from .truncation import bond_caps, low_rank_split, squared_norm
+from .truncation import SVDBackend, bond_caps, check_rel_tol, low_rank_split, squared_norm
 
 __all__ = ["decompose"]
 
@@ -38,7 +38,7 @@ def decompose(
     rel_tol: float | None = None,
     max_params: int | None = None,
     ratio: float | None = None,
-    svd: str = "auto",
+    svd: SVDBackend = "auto",
     pad: bool | None = None,
 ) -> MPO:
     """Decompose ``W: [out, in]`` into an MPO of ``num_cores`` cores.
@@ -78,11 +78,7 @@ def decompose(
         True
     """
     _check_matrix(W)
-    if rel_tol is not None:
-        if isinstance(rel_tol, bool) or not isinstance(rel_tol, (int, float)):
-            raise TypeError(f"rel_tol must be a float, got {type(rel_tol).__name__}")
-        if not 0 < rel_tol < 1:
-            raise ValueError(f"rel_tol must be in (0, 1) (relative Frobenius error), got {rel_tol}")
+    check_rel_tol(rel_tol)
     out_features, in_features = W.shape
     num_cores = _cores_from_ranks(num_cores, max_rank, out_factors, in_factors)
     plan = plan_factors(out_features, in_features, num_cores, out_factors=out_factors, in_factors=in_factors, pad=pad)
@@ -93,7 +89,7 @@ def decompose(
     if svd == "randomized" and max_rank is None and max_params is None and ratio is None:
         raise ValueError("svd='randomized' needs a rank cap: pass max_rank, max_params or ratio")
 
-    work_dtype = torch.float32 if W.dtype in (torch.float16, torch.bfloat16) else W.dtype
+    work_dtype = _work_dtype(W.dtype)
     backend, compute_dtype = _backend_for(svd, work_dtype, rel_tol, plan.num_cores)
     with torch.no_grad():
         A = W.detach().to(compute_dtype)

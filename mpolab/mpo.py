@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import contract
-from .truncation import bond_caps, choose_backend
+from .truncation import SVDBackend, bond_caps, check_rel_tol, choose_backend
 
 __all__ = ["MPO"]
 
@@ -155,7 +155,7 @@ class MPO:
 
     def norm(self) -> float:
         """Frobenius norm of the represented matrix, without forming it."""
-        return float(torch.linalg.vector_norm(self.canonicalize(0).cores[0].double()))
+        return float(torch.linalg.vector_norm(self.to(_work_dtype(self.dtype)).canonicalize(0).cores[0].double()))
 
     # ------------------------------------------------------------------ gauge
     def canonicalize(self, center: int | None = None) -> MPO:
@@ -169,14 +169,14 @@ class MPO:
         center = self.central_index if center is None else center
         if not 0 <= center < self.num_cores:
             raise ValueError(f"center must be in [0, {self.num_cores - 1}], got {center}")
-        cores = [c for c in self.cores]
+        cores = [c.to(_work_dtype(c.dtype)) for c in self.cores]  # no half-precision QR on CPU
         for k in range(center):
             cores[k], carry = _left_orthonormalize(cores[k])
             cores[k + 1] = torch.einsum("ab,bijc->aijc", carry, cores[k + 1])
         for k in range(self.num_cores - 1, center, -1):
             carry, cores[k] = _right_orthonormalize(cores[k])
             cores[k - 1] = torch.einsum("aijb,bc->aijc", cores[k - 1], carry)
-        return replace(self, cores=cores)
+        return replace(self, cores=[c.to(self.dtype) for c in cores])
 
     def truncate(
         self,
@@ -185,7 +185,7 @@ class MPO:
         rel_tol: float | None = None,
         max_params: int | None = None,
         ratio: float | None = None,
-        svd: str = "auto",
+        svd: SVDBackend = "auto",
     ) -> MPO:
         """Re-truncate (TT rounding): right-canonicalise, then sweep left to right with truncated SVDs.
 
@@ -199,6 +199,7 @@ class MPO:
         """
         from .decompose import _resolve_budget, _sweep  # decompose builds on this module
 
+        check_rel_tol(rel_tol)
         caps = bond_caps(
             [i * j for i, j in zip(self.out_factors, self.in_factors)],
             max_rank=max_rank,
@@ -206,9 +207,8 @@ class MPO:
         )
         caps = [min(c, r) for c, r in zip(caps, self.ranks)]
         with torch.no_grad():
-            right = self.canonicalize(0)
-            work_dtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
-            cores = [c.to(work_dtype) for c in right.cores]
+            work_dtype = _work_dtype(self.dtype)
+            cores = self.to(work_dtype).canonicalize(0).cores
             norm_sq = float(cores[0].double().square().sum())
             backend, compute_dtype = _backend_for(svd, work_dtype, rel_tol, self.num_cores)
             budget = None if rel_tol is None else rel_tol**2 * norm_sq
@@ -266,6 +266,11 @@ class MPO:
             f"MPO(shape={list(self.shape)}, out_factors={self.out_factors}, in_factors={self.in_factors}, "
             f"ranks={self.ranks}, num_params={self.num_params}{err})"
         )
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision cores (decompositions and QR run in float32 at least)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _backend_for(svd: str, dtype: torch.dtype, rel_tol: float | None, num_cores: int) -> tuple[str, torch.dtype]:

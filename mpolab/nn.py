@@ -6,9 +6,10 @@ optimizers, ``requires_grad_``, DDP and checkpointing work as usual. The core at
 lightweight fine-tuning (only auxiliary tensors train) and :meth:`MPOModule.central_parameters` /
 :meth:`MPOModule.auxiliary_parameters` give per-group learning rates (the authors' ``mpo_lr``).
 
-When no gradient is needed (``eval()`` under ``torch.no_grad()``/``inference_mode``, or frozen
-cores), the rebuilt dense weight is cached and reused until a core changes (any in-place update
-bumps the tensor's version counter, which the cache checks). In training, each forward either
+When no gradient is needed (under ``torch.no_grad()``/``inference_mode``, or with every core
+frozen), the rebuilt dense weight is cached and reused until a core changes: any in-place update
+of a core bumps its version counter, which the cache checks. (Writes through ``core.data`` bypass
+the counter; call :meth:`MPOModule.clear_cache` after those.) In training, each forward either
 rebuilds ``W`` once or contracts the activations through the cores, whichever
 :func:`mpolab.contract.choose_path` finds cheaper.
 """
@@ -118,7 +119,8 @@ class MPOModule(nn.Module):
             return self._rebuild()
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+            # A normal tensor even under inference_mode, so later autograd forwards can use it.
+            with torch.inference_mode(False), torch.no_grad():
                 self._cache = (key, self._rebuild())
         return self._cache[1]
 

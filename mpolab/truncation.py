@@ -32,6 +32,7 @@ __all__ = [
     "SVDBackend",
     "Split",
     "bond_caps",
+    "check_rel_tol",
     "choose_backend",
     "choose_rank",
     "full_bond_dims",
@@ -86,9 +87,9 @@ def bond_caps(
 ) -> list[int]:
     """Per-bond rank caps from ``max_rank`` and a parameter budget, clipped to the exact bond dims.
 
-    ``max_params`` picks the largest uniform cap whose MPO fits, then raises single bonds (the
-    largest-gain first) while the budget still allows, so the result is a maximal MPO within the
-    budget, not just the best uniform one.
+    ``max_params`` picks the largest uniform cap whose MPO fits, then raises single bonds (central
+    bonds first) while the budget still allows, so the result is a maximal MPO within the budget:
+    no bond can grow by one without breaking it.
 
     Raises:
         ValueError: a cap below 1, a per-bond list of the wrong length, or a budget too small
@@ -97,7 +98,7 @@ def bond_caps(
     full = full_bond_dims(core_sizes)
     caps = list(full)
     if max_rank is not None:
-        if isinstance(max_rank, bool) or not isinstance(max_rank, (int, Sequence)):
+        if isinstance(max_rank, (bool, str, bytes)) or not isinstance(max_rank, (int, Sequence)):
             raise TypeError(f"max_rank must be an int or a sequence of ints, got {type(max_rank).__name__}")
         per_bond = [max_rank] * len(full) if isinstance(max_rank, int) else list(max_rank)
         if len(per_bond) != len(full):
@@ -142,6 +143,16 @@ def _fill_budget(core_sizes: Sequence[int], caps: list[int], budget: int) -> lis
                 ranks[k] += 1
                 grown = True
     return ranks
+
+
+def check_rel_tol(rel_tol: object) -> None:
+    """``rel_tol`` must be a float in (0, 1) or ``None``."""
+    if rel_tol is None:
+        return
+    if isinstance(rel_tol, bool) or not isinstance(rel_tol, (int, float)):
+        raise TypeError(f"rel_tol must be a float, got {type(rel_tol).__name__}")
+    if not 0 < rel_tol < 1:
+        raise ValueError(f"rel_tol must be in (0, 1) (relative Frobenius error), got {rel_tol}")
 
 
 def choose_rank(sq_values: torch.Tensor, cap: int, tail_budget_sq: float | None, total_sq: float | None = None) -> int:
@@ -225,8 +236,9 @@ def low_rank_split(
 
     Computation happens in ``C``'s dtype and device; callers upcast when they need precision.
     ``r`` is :func:`choose_rank` of the spectrum with ``cap`` and ``tail_budget_sq``. The
-    discarded energy is ``‖C‖² - Σ kept σ²`` (the leading eigenvalues are the accurate ones),
-    and exactly 0 when nothing is discarded.
+    discarded energy is ``‖C‖² - Σ kept σ²`` for the Gram route (its leading eigenvalues are the
+    accurate ones), the tail ``Σ discarded σ²`` for a real SVD, and exactly 0 when nothing is
+    discarded.
     """
     if backend == "randomized":
         return _randomized_split(C, cap, tail_budget_sq)
@@ -236,7 +248,7 @@ def low_rank_split(
         U, S, Vh = torch.linalg.svd(C, full_matrices=False)
         sq = S.double() ** 2
         r = choose_rank(sq, cap, tail_budget_sq, total_sq)
-        return Split(S[:r, None] * Vh[:r], S.double().cpu(), _discarded(sq, r, total_sq), _left=U[:, :r])
+        return Split(S[:r, None] * Vh[:r], S.double().cpu(), float(sq[r:].sum()), _left=U[:, :r])
     if backend != "gram":
         raise ValueError(f"svd backend must be one of {_BACKENDS}, got {backend!r}")
     if m <= n:
