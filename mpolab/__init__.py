@@ -15,11 +15,13 @@ from .decompose import decompose
 from .mpo import MPO
 from .nn import MPOEmbedding, MPOLinear, MPOModule
 from .shapes import factorize, plan_factors
+from .training import DimensionSqueezer, param_groups, set_trainable, squeeze
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompressionReport",
+    "DimensionSqueezer",
     "MPO",
     "MPOEmbedding",
     "MPOLinear",
@@ -29,7 +31,10 @@ __all__ = [
     "decompose",
     "factorize",
     "find_targets",
+    "param_groups",
     "plan_factors",
+    "set_trainable",
     "shapes",
+    "squeeze",
     "truncation",
 ]

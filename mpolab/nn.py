@@ -78,6 +78,26 @@ class MPOModule(nn.Module):
     def num_mpo_params(self) -> int:
         return sum(c.numel() for c in self.cores)
 
+    def set_mpo(self, mpo: MPO) -> dict[nn.Parameter, nn.Parameter]:
+        """Replace the cores by those of ``mpo`` (ranks may change; shape and core count may not).
+
+        New parameters keep each position's ``requires_grad``, dtype and device. Returns the
+        ``{old: new}`` parameter mapping, for optimizers (see :func:`mpolab.squeeze`).
+        """
+        if mpo.shape != (self.out_features, self.in_features) or mpo.num_cores != self.num_cores:
+            raise ValueError(
+                f"set_mpo needs a {self.num_cores}-core MPO of shape [{self.out_features}, {self.in_features}], "
+                f"got {mpo.num_cores} cores of shape {list(mpo.shape)}"
+            )
+        swaps = {}
+        for k, new in enumerate(mpo.cores):
+            old = self.cores[k]
+            param = nn.Parameter(new.detach().to(old.device, old.dtype).clone(), requires_grad=old.requires_grad)
+            self.cores[k] = param
+            swaps[old] = param
+        self.clear_cache()
+        return swaps
+
     # ------------------------------------------------------------------ training helpers
     def central_parameters(self) -> Iterator[nn.Parameter]:
         """The central tensor (one parameter)."""
