@@ -12,6 +12,7 @@ Example:
 from . import contract, shapes, truncation
 from .compress import CompressionReport, compress, find_targets
 from .decompose import decompose
+from .heal import HealReport, fidelity, heal
 from .mpo import MPO
 from .nn import MPOEmbedding, MPOLinear, MPOModule
 from .shapes import factorize, plan_factors
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressionReport",
     "DimensionSqueezer",
+    "HealReport",
     "MPO",
     "MPOEmbedding",
     "MPOLinear",
@@ -30,7 +32,9 @@ __all__ = [
     "contract",
     "decompose",
     "factorize",
+    "fidelity",
     "find_targets",
+    "heal",
     "param_groups",
     "plan_factors",
     "set_trainable",

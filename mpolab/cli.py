@@ -1,0 +1,244 @@
+"""The ``mpolab`` command: ``compress``, ``inspect`` and ``demo``.
+
+``mpolab compress PATH_OR_DEMO --ratio 0.5 --out out/`` loads a Hugging Face model from a local
+folder (or the embedded all-MiniLM-L6-v2 for ``demo``), compresses its layers with a progress bar,
+prints the per-layer table, and saves the result. ``mpolab inspect out/`` summarises a saved
+model. ``mpolab demo`` runs the README's main job. ``python -m mpolab`` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpolab",
+        description="Compress PyTorch / Hugging Face models into MPO (tensor-train matrix) layers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser(
+        "compress",
+        help="compress a model's linear layers and save it",
+        description="Load a model, replace its target layers by MPO layers under a budget or tolerance, "
+        "print the per-layer table and save the result (safetensors + JSON).",
+    )
+    c.add_argument("model", help="a local Hugging Face model folder, or 'demo' for the embedded all-MiniLM-L6-v2")
+    budget = c.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", type=float, help="keep this fraction of the targets' parameters (global allocation)")
+    budget.add_argument("--max-params", type=int, help="keep at most this many parameters in the targets (global)")
+    budget.add_argument("--rel-tol", type=float, help="per-layer relative Frobenius error, in (0, 1)")
+    c.add_argument("--max-rank", type=int, help="bond cap for every layer (combines with the options above)")
+    c.add_argument(
+        "--targets",
+        nargs="+",
+        default=["all-linear"],
+        help="module names, name suffixes or regexes to compress (default: all-linear, i.e. every "
+        "nn.Linear / Conv1D except an lm_head)",
+    )
+    c.add_argument("--exclude", nargs="+", help="module names, suffixes or regexes to leave alone")
+    c.add_argument("--num-cores", type=int, default=5, help="cores per MPO (default 5, as the MPOP authors)")
+    c.add_argument("--out", type=Path, help="folder to save the compressed model to")
+    c.add_argument("--plot", type=Path, help="write bond spectra and the error-vs-parameters curve to this PNG")
+    c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    i = sub.add_parser(
+        "inspect",
+        help="summarise a saved compressed model",
+        description="Print each MPO layer's shape, factors, ranks, parameters and bond-spectrum summary "
+        "(how many singular values hold 90%% / 99%% of the energy at its widest bond).",
+    )
+    i.add_argument("path", type=Path, help="a folder written by 'mpolab compress --out' or mpolab.save")
+
+    d = sub.add_parser(
+        "demo",
+        help="the main job: compress all-MiniLM-L6-v2 to half and heal it",
+        description="Compress the real all-MiniLM-L6-v2 to half of its linear parameters with the global "
+        "allocation, heal it by distillation on real sentences, and print the fidelity before and after.",
+    )
+    d.add_argument("--ratio", type=float, default=0.5, help="fraction of the linear parameters to keep (0.5)")
+    d.add_argument("--steps", type=int, default=150, help="distillation steps (150)")
+    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _load_model(name: str) -> tuple[Any, Any]:
+    if name == "demo":
+        from .demo import load_minilm
+
+        return load_minilm()
+    path = Path(name)
+    if not path.is_dir():
+        raise ValueError(f"{name!r} is not a model folder (or 'demo'); give a local Hugging Face model directory")
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from .compress import compress
+
+    model, tokenizer = _load_model(args.model)
+    if args.out is not None:
+        _check_writable(args.out)
+    report = compress(
+        model,
+        args.targets[0] if args.targets == ["all-linear"] else args.targets,
+        exclude_modules=args.exclude,
+        ratio=args.ratio,
+        max_params=args.max_params,
+        rel_tol=args.rel_tol,
+        max_rank=args.max_rank,
+        num_cores=args.num_cores,
+        progress=not args.no_progress,
+    )
+    print(report)
+    if args.plot is not None:
+        _plot(model, report, args.plot)
+        print(f"plot written to {args.plot}")
+    if args.out is not None:
+        from .io import save
+
+        save(model, args.out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.out)
+        print(f"saved to {args.out}")
+    return 0
+
+
+def _check_writable(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} exists and is not a folder")
+    parent = path if path.exists() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"--out {path}: {parent} is not writable")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    from .mpo import MPO
+
+    files = sorted(Path(args.path).glob("*.safetensors")) if Path(args.path).is_dir() else []
+    if not files:
+        raise ValueError(f"{args.path} holds no .safetensors file; give a folder written by 'mpolab compress --out'")
+    cores: dict[str, dict[int, torch.Tensor]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                m = re.fullmatch(r"(.+)\.cores\.(\d+)", key)
+                if m:
+                    cores.setdefault(m.group(1), {})[int(m.group(2))] = f.get_tensor(key)
+    if not cores:
+        raise ValueError(f"{args.path} holds no MPO layers")
+    header = ["layer", "factors (out x in)", "ranks", "params", "90% / 99% energy at widest bond"]
+    rows = []
+    total = 0
+    for name, by_index in sorted(cores.items()):
+        mpo = MPO([by_index[k].float() for k in sorted(by_index)], *_padded_shape(by_index))
+        exact = mpo.truncate(max_rank=max(mpo.ranks))  # lossless rounding: the current spectra
+        widest = max(range(len(mpo.ranks)), key=lambda k: mpo.ranks[k])
+        s = exact.singular_values[widest] if exact.singular_values else torch.ones(1)
+        energy = (s.square().cumsum(0) / s.square().sum().clamp_min(1e-30)).tolist()
+        k90 = next((k + 1 for k, e in enumerate(energy) if e >= 0.9), len(energy))
+        k99 = next((k + 1 for k, e in enumerate(energy) if e >= 0.99), len(energy))
+        total += mpo.num_params
+        rows.append(
+            [
+                name,
+                f"{'x'.join(map(str, mpo.out_factors))} x {'x'.join(map(str, mpo.in_factors))}",
+                ",".join(map(str, mpo.ranks)),
+                f"{mpo.num_params:,}",
+                f"{k90} / {k99} of {mpo.ranks[widest]}",
+            ]
+        )
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip())
+    print(f"{len(rows)} MPO layers, {total:,} MPO parameters")
+    return 0
+
+
+def _padded_shape(by_index: dict[int, torch.Tensor]) -> tuple[int, int]:
+    """The (padded) matrix shape the cores describe: inspect needs nothing but the cores."""
+    rows = 1
+    cols = 1
+    for k in sorted(by_index):
+        rows *= int(by_index[k].shape[1])
+        cols *= int(by_index[k].shape[2])
+    return rows, cols
+
+
+def _plot(model: torch.nn.Module, report: Any, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("--plot needs matplotlib: pip install 'mpolab-torch[plot]'") from e
+    from .compress import mpo_modules
+
+    layers = mpo_modules(model)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, layer in layers.items():
+        spectrum = layer.mpo.truncate(max_rank=max(layer.ranks)).singular_values
+        assert spectrum is not None
+        widest = max(range(len(spectrum)), key=lambda k: spectrum[k].numel())
+        s = spectrum[widest]
+        ax1.semilogy((s / s[0].clamp_min(1e-30)).numpy(), lw=0.8, alpha=0.7, label=name if len(layers) <= 8 else None)
+    ax1.set(title="bond spectra at each layer's widest bond", xlabel="index", ylabel="σ / σ₁")
+    if len(layers) <= 8:
+        ax1.legend(fontsize=6)
+    kept = [r.params_after / r.params_before for r in report.layers]
+    errors = [r.rel_error for r in report.layers]
+    ax2.scatter(kept, errors, s=12)
+    ax2.set(
+        title="per-layer error vs parameters kept",
+        xlabel="parameters kept (fraction of dense)",
+        ylabel="relative Frobenius error",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(ratio=args.ratio, steps=args.steps, progress=not args.no_progress)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mpolab`` console script."""
+    args = _parser().parse_args(argv)
+    handlers = {"compress": _compress, "inspect": _inspect, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, PermissionError, ImportError) as e:
+        print(f"mpolab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

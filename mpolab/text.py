@@ -1,0 +1,57 @@
+"""Real English sentences that install with the library, for healing and measuring fidelity.
+
+Two sources, both offline:
+
+* :func:`reference_sentences`: prose sentences from the Python language reference, which
+  CPython ships as ``pydoc_data.topics`` (about 650 after filtering out code and fragments);
+* :func:`everyday_sentences`: 80 everyday sentences written for this project
+  (``mpolab/data/everyday_sentences.txt``), a different domain for held-out checks.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from functools import lru_cache
+from importlib import resources
+
+__all__ = ["everyday_sentences", "reference_sentences", "train_eval_sentences"]
+
+_PROSE = re.compile(r"[A-Za-z][A-Za-z ,;:'()\-]+\.")
+
+
+@lru_cache(maxsize=1)
+def reference_sentences() -> tuple[str, ...]:
+    """Prose sentences (40-200 characters, letters and punctuation only) from ``pydoc_data.topics``."""
+    from pydoc_data.topics import topics
+
+    text = re.sub(r"\s+", " ", " ".join(topics.values()))
+    candidates = re.split(r"(?<=[.!?])\s+", text)
+    keep = [s for s in candidates if 40 <= len(s) <= 200 and _PROSE.fullmatch(s) and s.count("(") == s.count(")")]
+    return tuple(dict.fromkeys(keep))
+
+
+@lru_cache(maxsize=1)
+def everyday_sentences() -> tuple[str, ...]:
+    """The 80 everyday sentences written for mpolab."""
+    text = resources.files("mpolab").joinpath("data/everyday_sentences.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def train_eval_sentences(num_train: int = 400, num_eval: int = 60, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Disjoint train / held-out sentence lists mixing both sources.
+
+    Held-out sentences are half everyday, half reference prose, none of them in the train list.
+    """
+    rng = random.Random(seed)
+    everyday = list(everyday_sentences())
+    reference = list(reference_sentences())
+    rng.shuffle(everyday)
+    rng.shuffle(reference)
+    eval_everyday = min(num_eval // 2, len(everyday) // 2)
+    eval_set = everyday[:eval_everyday] + reference[: num_eval - eval_everyday]
+    train_pool = everyday[eval_everyday:] + reference[num_eval - eval_everyday :]
+    rng.shuffle(train_pool)
+    if num_train > len(train_pool):
+        raise ValueError(f"num_train={num_train} exceeds the {len(train_pool)} sentences available")
+    return train_pool[:num_train], eval_set

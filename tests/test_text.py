@@ -1,0 +1,16 @@
+from mpolab.text import everyday_sentences, reference_sentences, train_eval_sentences
+
+
+def test_sentence_sources_are_real_prose():
+    ref, every = reference_sentences(), everyday_sentences()
+    assert len(ref) > 500 and len(every) == 80
+    assert all(40 <= len(s) <= 200 and s.endswith(".") for s in ref)
+    assert len(set(ref)) == len(ref)
+
+
+def test_train_and_held_out_are_disjoint_and_mixed():
+    train, held_out = train_eval_sentences(400, 60)
+    assert len(train) == 400 and len(held_out) == 60
+    assert not set(train) & set(held_out)
+    assert sum(s in set(everyday_sentences()) for s in held_out) == 30
+    assert train_eval_sentences(400, 60) == (train, held_out)  # deterministic
