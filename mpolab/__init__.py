@@ -13,6 +13,7 @@ from . import contract, shapes, truncation
 from .compress import CompressionReport, compress, find_targets
 from .decompose import decompose
 from .heal import HealReport, fidelity, heal
+from .io import load, save
 from .mpo import MPO
 from .nn import MPOEmbedding, MPOLinear, MPOModule
 from .shapes import factorize, plan_factors
@@ -35,8 +36,10 @@ __all__ = [
     "fidelity",
     "find_targets",
     "heal",
+    "load",
     "param_groups",
     "plan_factors",
+    "save",
     "set_trainable",
     "shapes",
     "squeeze",
