@@ -10,7 +10,7 @@ install:
 	$(PY) -m pip install --quiet -e ".[test]"
 
 demo: install
-	$(PY) examples/decompose_minilm.py
+	$(PY) -m mpolab demo
 
 test: install
 	$(PY) -m pytest -q

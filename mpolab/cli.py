@@ -9,7 +9,6 @@ model. ``mpolab demo`` runs the README's main job. ``python -m mpolab`` is the s
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,27 +133,34 @@ def _check_writable(path: Path) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from safetensors import safe_open
-
+    from .io import CONFIG_NAME, WEIGHTS_NAME, _parse_layers, _read_record, _read_weights
     from .mpo import MPO
 
-    files = sorted(Path(args.path).glob("*.safetensors")) if Path(args.path).is_dir() else []
-    if not files:
-        raise ValueError(f"{args.path} holds no .safetensors file; give a folder written by 'mpolab compress --out'")
-    cores: dict[str, dict[int, torch.Tensor]] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                m = re.fullmatch(r"(.+)\.cores\.(\d+)", key)
-                if m:
-                    cores.setdefault(m.group(1), {})[int(m.group(2))] = f.get_tensor(key)
-    if not cores:
-        raise ValueError(f"{args.path} holds no MPO layers")
-    header = ["layer", "factors (out x in)", "ranks", "params", "90% / 99% energy at widest bond"]
+    folder = Path(args.path)
+    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+        raise ValueError(
+            f"{folder} is not a folder written by 'mpolab compress --out' or mpolab.save "
+            f"(expected {WEIGHTS_NAME} and {CONFIG_NAME})"
+        )
+    layers = _parse_layers(_read_record(folder / CONFIG_NAME).get("modules", {}), folder / CONFIG_NAME)
+    if not layers:
+        raise ValueError(f"{folder} holds no MPO layers")
+    tensors = _read_weights(folder / WEIGHTS_NAME, "cpu")
+    header = ["layer", "shape", "factors (out x in)", "ranks", "params", "% dense", "90% / 99% energy at widest bond"]
     rows = []
-    total = 0
-    for name, by_index in sorted(cores.items()):
-        mpo = MPO([by_index[k].float() for k in sorted(by_index)], *_padded_shape(by_index))
+    total = dense_total = 0
+    for name, info in sorted(layers.items()):
+        prefix = f"{name}.cores." if name else "cores."
+        keys = [f"{prefix}{k}" for k in range(len(info["in_factors"]))]
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise ValueError(f"{folder / WEIGHTS_NAME} lacks {missing} recorded for layer {name!r} in {CONFIG_NAME}")
+        shape = (
+            (info["num_embeddings"], info["embedding_dim"])
+            if info["kind"] == "embedding"
+            else (info["out_features"], info["in_features"])
+        )
+        mpo = MPO([tensors[k].float() for k in keys], *shape)
         exact = mpo.truncate(max_rank=max(mpo.ranks))  # lossless rounding: the current spectra
         widest = max(range(len(mpo.ranks)), key=lambda k: mpo.ranks[k])
         s = exact.singular_values[widest] if exact.singular_values else torch.ones(1)
@@ -162,30 +168,26 @@ def _inspect(args: argparse.Namespace) -> int:
         k90 = next((k + 1 for k, e in enumerate(energy) if e >= 0.9), len(energy))
         k99 = next((k + 1 for k, e in enumerate(energy) if e >= 0.99), len(energy))
         total += mpo.num_params
+        dense_total += shape[0] * shape[1]
         rows.append(
             [
-                name,
+                name or "(model)",
+                f"{shape[0]}x{shape[1]}",
                 f"{'x'.join(map(str, mpo.out_factors))} x {'x'.join(map(str, mpo.in_factors))}",
                 ",".join(map(str, mpo.ranks)),
                 f"{mpo.num_params:,}",
+                f"{100 * mpo.num_params / (shape[0] * shape[1]):.1f}",
                 f"{k90} / {k99} of {mpo.ranks[widest]}",
             ]
         )
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     for r in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip())
-    print(f"{len(rows)} MPO layers, {total:,} MPO parameters")
+    print(
+        f"{len(rows)} MPO layers, {total:,} MPO parameters for {dense_total:,} dense "
+        f"({100 * total / max(dense_total, 1):.1f}%)"
+    )
     return 0
-
-
-def _padded_shape(by_index: dict[int, torch.Tensor]) -> tuple[int, int]:
-    """The (padded) matrix shape the cores describe: inspect needs nothing but the cores."""
-    rows = 1
-    cols = 1
-    for k in sorted(by_index):
-        rows *= int(by_index[k].shape[1])
-        cols *= int(by_index[k].shape[2])
-    return rows, cols
 
 
 def _plot(model: torch.nn.Module, report: Any, path: Path) -> None:

@@ -387,10 +387,14 @@ def _override_for(name: str, rank_pattern: Mapping[str, RankOverride] | None) ->
 
 
 def _replacement(module: nn.Module, mpo: MPO, cache_weight: bool) -> MPOModule:
+    layer: MPOModule
     if isinstance(module, nn.Embedding):
-        return MPOEmbedding.from_mpo(mpo, padding_idx=module.padding_idx, cache_weight=cache_weight)
-    bias = getattr(module, "bias", None)
-    return MPOLinear.from_mpo(mpo, bias.detach() if bias is not None else None, cache_weight=cache_weight)
+        layer = MPOEmbedding.from_mpo(mpo, padding_idx=module.padding_idx, cache_weight=cache_weight)
+    else:
+        bias = getattr(module, "bias", None)
+        layer = MPOLinear.from_mpo(mpo, bias.detach() if bias is not None else None, cache_weight=cache_weight)
+    layer.original_type = type(module).__name__  # recorded by mpolab.save
+    return layer
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
