@@ -2,9 +2,9 @@
 
 Timing protocol (:func:`time_call`): optional warm-up calls, then up to ``repeats`` timed samples,
 stopping early once ``budget_s`` seconds have been spent (always at least one sample); the
-reported time is the median of the samples. Calls far below a millisecond are timed in blocks of
-``inner`` calls (calibrated from the warm-up) so that timer resolution and Python overhead do not
-dominate.
+reported time is the median of the samples. Calls shorter than ``MIN_BLOCK_S`` are timed in
+blocks of ``inner`` calls (calibrated from the warm-up) so that timer resolution does not
+dominate. :func:`time_interleaved` times several functions with alternating blocks, for ratios.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -54,6 +55,37 @@ def time_call(
     budget_s: float = 2.0,
 ) -> Timing:
     """Median wall time of ``fn()`` in seconds (see the module docstring for the protocol)."""
+    return time_interleaved([fn], warmup=warmup, repeats=repeats, budget_s=budget_s)[0]
+
+
+def time_interleaved(
+    fns: Sequence[Callable[[], Any]],
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    budget_s: float = 2.0,
+) -> list[Timing]:
+    """:func:`time_call` for several functions whose timed blocks alternate (a, b, a, b, …).
+
+    Load from other processes comes and goes; alternating makes it hit every function alike,
+    which is what a ratio of two timings needs.
+    """
+    inner = [_calibrate(fn, warmup) for fn in fns]
+    samples: list[list[float]] = [[] for _ in fns]
+    spent = 0.0
+    while len(samples[0]) < max(1, repeats) and (spent < budget_s or not samples[0]):
+        for fn, n, out in zip(fns, inner, samples):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            elapsed = time.perf_counter() - start
+            out.append(elapsed / n)
+            spent += elapsed
+    return [Timing(statistics.median(s), min(s), len(s), n) for s, n in zip(samples, inner)]
+
+
+def _calibrate(fn: Callable[[], Any], warmup: int) -> int:
+    """Run the warm-up calls; return how many calls a timed block needs to last ``MIN_BLOCK_S``."""
     inner = 1
     for k in range(warmup):
         start = time.perf_counter()
@@ -61,18 +93,7 @@ def time_call(
         elapsed = time.perf_counter() - start
         if k == warmup - 1 and elapsed < MIN_BLOCK_S:
             inner = max(1, min(1000, int(MIN_BLOCK_S / max(elapsed, 1e-7))))
-    samples: list[float] = []
-    spent = 0.0
-    while len(samples) < max(1, repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        elapsed = time.perf_counter() - start
-        samples.append(elapsed / inner)
-        spent += elapsed
-        if spent >= budget_s:
-            break
-    return Timing(statistics.median(samples), min(samples), len(samples), inner)
+    return inner
 
 
 def load_average() -> tuple[float, float, float] | None:
@@ -81,6 +102,36 @@ def load_average() -> tuple[float, float, float] | None:
         return os.getloadavg()
     except OSError:
         return None
+
+
+class CpuMonitor:
+    """CPU time used by *other* processes while the benchmark runs (Linux ``/proc/stat``).
+
+    The benchmarks share the machine; on 2 cores a concurrent job inflates every timing, so the
+    report states how many cores other processes kept busy on average.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except (OSError, IndexError):
+            return None
+        ticks = [int(v) for v in fields[:8]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+        own = sum(os.times()[:4])
+        return busy, own, time.perf_counter()
+
+    def foreign_cores(self) -> float | None:
+        """Average number of cores busy with other processes since construction."""
+        end = self._sample()
+        if self._start is None or end is None or end[2] <= self._start[2]:
+            return None
+        busy, own, wall = (e - s for e, s in zip(end, self._start))
+        return max(0.0, (busy - own) / wall)
 
 
 def environment(num_threads: int) -> dict[str, Any]:
@@ -116,6 +167,29 @@ def describe_environment(env: dict[str, Any]) -> str:
         f"torch {env['torch']} | opt_einsum {env['opt_einsum']} | {env['processor']} "
         f"({env['cpu_count']} CPUs) | torch threads: {env['torch_threads']} | load avg 1/5/15 min: {load_text}"
     )
+
+
+def busy_note(other_cores: float | None, threads: int) -> str:
+    """One line on how busy the machine was with other work during the run."""
+    if other_cores is None:
+        return "load from other processes: unknown (no /proc/stat)"
+    verdict = "quiet machine" if other_cores < 0.2 else "BUSY MACHINE: timings inflated and noisy"
+    return (
+        f"other processes kept {other_cores:.2f} of {os.cpu_count()} CPUs busy on average "
+        f"({threads} threads here): {verdict}"
+    )
+
+
+def end_of_run(total_s: float) -> str:
+    """``wall time …; load avg at end: …``."""
+    load = load_average()
+    text = "n/a" if load is None else "/".join(f"{v:.2f}" for v in load)
+    return f"wall time {total_s:.0f} s; load avg at end: {text}"
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (stdout keeps only the report)."""
+    print(f"  {message}", file=sys.stderr, flush=True)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

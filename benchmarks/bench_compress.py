@@ -50,8 +50,10 @@ def dense_forward_seconds(model: torch.nn.Module) -> float:
 
 
 def layer_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: (m.weight.T if type(m).__name__ == "Conv1D" else m.weight).detach()
-            for n, m in find_targets(model, "all-linear").items()}
+    return {
+        n: (m.weight.T if type(m).__name__ == "Conv1D" else m.weight).detach()
+        for n, m in find_targets(model, "all-linear").items()
+    }
 
 
 def tensorly_seconds(weights: dict[str, torch.Tensor], report: mpolab.CompressionReport) -> float:
@@ -65,8 +67,9 @@ def tensorly_seconds(weights: dict[str, torch.Tensor], report: mpolab.Compressio
 def final_only_seconds(weights: dict[str, torch.Tensor], report: mpolab.CompressionReport) -> float:
     start = time.perf_counter()
     for row in report.layers:
-        mpolab.decompose(weights[row.name], out_factors=row.out_factors, in_factors=row.in_factors,
-                         max_rank=list(row.ranks))
+        mpolab.decompose(
+            weights[row.name], out_factors=row.out_factors, in_factors=row.in_factors, max_rank=list(row.ranks)
+        )
     return time.perf_counter() - start
 
 
@@ -90,15 +93,50 @@ def main() -> None:
             ours = time.perf_counter() - start
             final = final_only_seconds(weights, report)
             theirs = tensorly_seconds(weights, report)
-            rows.append([model_name, policy_name, len(report.layers), f"{report.ratio:.1%}", fmt_seconds(ours),
-                         fmt_seconds(final), fmt_seconds(theirs), f"{theirs / final:.1f}x",
-                         fmt_seconds(forward), f"{ours / forward:.0f}x"])
-            records.append({"model": model_name, "policy": policy_name, "layers": len(report.layers),
-                            "kept": report.ratio, "compress_s": ours, "final_decompositions_s": final,
-                            "tensorly_s": theirs, "dense_forward_s": forward,
-                            "mean_rel_error": report.mean_rel_error})
-    print(format_table(["model", "policy", "layers", "kept", "mpolab compress", "mpolab, final only",
-                        "tensorly, same ranks", "tensorly / final", "dense forward", "compress / forward"], rows))
+            rows.append(
+                [
+                    model_name,
+                    policy_name,
+                    len(report.layers),
+                    f"{report.ratio:.1%}",
+                    fmt_seconds(ours),
+                    fmt_seconds(final),
+                    fmt_seconds(theirs),
+                    f"{theirs / final:.1f}x",
+                    fmt_seconds(forward),
+                    f"{ours / forward:.0f}x",
+                ]
+            )
+            records.append(
+                {
+                    "model": model_name,
+                    "policy": policy_name,
+                    "layers": len(report.layers),
+                    "kept": report.ratio,
+                    "compress_s": ours,
+                    "final_decompositions_s": final,
+                    "tensorly_s": theirs,
+                    "dense_forward_s": forward,
+                    "mean_rel_error": report.mean_rel_error,
+                }
+            )
+    print(
+        format_table(
+            [
+                "model",
+                "policy",
+                "layers",
+                "kept",
+                "mpolab compress",
+                "mpolab, final only",
+                "tensorly, same ranks",
+                "tensorly / final",
+                "dense forward",
+                "compress / forward",
+            ],
+            rows,
+        )
+    )
     minilm = [r["compress_s"] for r in records if r["model"] == "all-MiniLM-L6-v2"]
     print(f"\nMiniLM whole-model compression: {max(minilm):.1f} s at most (target < 10 s)")
     print(f"results: {write_json('bench_compress', {'environment': env, 'rows': records})}")

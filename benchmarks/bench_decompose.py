@@ -16,8 +16,9 @@ Matrices: Gaussian ``768x3072``, ``3072x768`` and ``4096x4096`` (rank caps 16/64
 like trained weights) where ``rel_tol`` 0.1/0.3/0.6 picks genuinely small ranks.
 
 Timing: ``torch.set_num_threads(2)`` for both libraries; one process-wide warm-up of both, then
-per row a warm-up call and the median of up to 5 repeats (tensorly on 4096x4096: no per-row
-warm-up and 2 repeats, as one call takes seconds). Results go to
+per row a warm-up call of each and the median of up to 5 repeats, the two methods' calls
+alternating so that load from other processes hits both alike (4096x4096: no per-row warm-up
+and 2 repeats, as one tensorly call takes seconds). Results go to
 ``benchmarks/results/bench_decompose.json``.
 
 Run: ``python benchmarks/bench_decompose.py [--quick] [--threads N]`` from the repository root.
@@ -38,28 +39,36 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # benchmark the working tree, installed or not
 
-import mpolab  # noqa: E402
 import tensorly as tl  # noqa: E402
-from tensorly.decomposition import tensor_train_matrix  # noqa: E402
-from tensorly.tt_matrix import tt_matrix_to_tensor  # noqa: E402
-
 from _common import (  # noqa: E402
+    CpuMonitor,
     Timing,
+    busy_note,
     describe_environment,
+    end_of_run,
     environment,
     fmt_seconds,
     format_table,
     load_average,
+    progress,
     setup_threads,
-    time_call,
+    time_interleaved,
     write_json,
 )
+from tensorly.decomposition import tensor_train_matrix  # noqa: E402
+from tensorly.tt_matrix import tt_matrix_to_tensor  # noqa: E402
+
+import mpolab  # noqa: E402
 
 NUM_CORES = 5
 #: ours counts as "no worse" when its error is at most tensorly's times this.
 ERROR_SLACK = 1 + 1e-4
+#: Timed samples per method and row, and the seconds after which a row stops repeating.
+REPEATS = 5
+BUDGET_S = 4.0
 #: One tensorly call on a matrix this large takes seconds: no per-row warm-up, fewer repeats.
 LARGE_NUMEL = 4096 * 4096
+LARGE_REPEATS = 2
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,7 @@ class Row:
     tensorly_error: float
     ours_reported_error: float | None
     ours_no_worse: bool
+    other_load: float | None  # cores kept busy by other processes while this row was timed
 
 
 CAPS = (Policy(max_rank=16), Policy(max_rank=64), Policy(max_rank=256), Policy())
@@ -179,20 +189,22 @@ def warm_up() -> None:
 
 
 def bench_row(W: torch.Tensor, spec: MatrixSpec, policy: Policy) -> Row:
-    mpo = run_ours(W, policy)
+    """Time both methods interleaved (ours, tensorly, ours, …) and compare their errors."""
+    monitor = CpuMonitor()
+    mpo = run_ours(W, policy)  # also the warm-up of ours
     large = W.numel() >= LARGE_NUMEL
-    ours = time_call(lambda: run_ours(W, policy), warmup=1, repeats=5, budget_s=3.0)
     result: list[Any] = [None]  # tensorly's last result, to measure its error without another call
 
     def tensorly_call() -> None:
         result[0] = run_tensorly(W, mpo)
 
-    theirs = time_call(
-        tensorly_call,
+    ours, theirs = time_interleaved(
+        [lambda: run_ours(W, policy), tensorly_call],
         warmup=0 if large else 1,
-        repeats=2 if large else 5,
-        budget_s=3.0,
+        repeats=LARGE_REPEATS if large else REPEATS,
+        budget_s=BUDGET_S,
     )
+    other_load = monitor.foreign_cores()
     ours_error = relative_error(W, mpo.to_matrix())
     tensorly_error = relative_error(W, tt_matrix_to_tensor(result[0]))
     return Row(
@@ -208,12 +220,25 @@ def bench_row(W: torch.Tensor, spec: MatrixSpec, policy: Policy) -> Row:
         tensorly_error=tensorly_error,
         ours_reported_error=mpo.truncation_error,
         ours_no_worse=ours_error <= tensorly_error * ERROR_SLACK,
+        other_load=other_load,
     )
 
 
 # ---------------------------------------------------------------------------------- report
-HEADERS = ("matrix", "policy", "ranks", "params", "% dense", "mpolab", "tensorly", "speedup",
-           "err mpolab", "err tensorly", "ours<=tl")
+HEADERS = (
+    "matrix",
+    "policy",
+    "ranks",
+    "params",
+    "% dense",
+    "mpolab",
+    "tensorly",
+    "speedup",
+    "err mpolab",
+    "err tensorly",
+    "ours<=tl",
+    "bg load",
+)
 
 
 def table_row(row: Row) -> Sequence[object]:
@@ -229,6 +254,7 @@ def table_row(row: Row) -> Sequence[object]:
         f"{row.ours_error:.6f}",
         f"{row.tensorly_error:.6f}",
         row.ours_no_worse,
+        "n/a" if row.other_load is None else f"{row.other_load:.2f}",
     )
 
 
@@ -263,26 +289,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     env = environment(threads)
     print(f"bench_decompose: mpolab.decompose vs tensorly {tl.__version__} tensor_train_matrix (pytorch backend)")
     print(describe_environment(env))
-    print("times: median of repeats after a warm-up; speedup = tensorly / mpolab; errors ||W-W^||/||W|| in float64\n")
+    print("times: median of repeats after a warm-up; speedup = tensorly / mpolab; errors ||W-W^||/||W|| in float64;")
+    print("bg load: CPU cores other processes kept busy while the row was timed (> ~0.2: timings inflated)\n")
 
     started = time.perf_counter()
+    monitor = CpuMonitor()
     warm_up()
     rows: list[Row] = []
     for index, spec in enumerate(matrix_specs(args.quick)):
         W = make_matrix(spec, args.seed + index)
         for policy in spec.policies:
             rows.append(bench_row(W, spec, policy))
-            print(f"  done: {spec.label} {policy.label} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+            progress(f"done: {spec.label} {policy.label} ({time.perf_counter() - started:.0f} s)")
     total = time.perf_counter() - started
+    other_load = monitor.foreign_cores()
 
     print(format_table(HEADERS, [table_row(r) for r in rows]))
     print()
     for line in summary(rows):
         print(line)
-    end_load = load_average()
-    print(f"wall time {total:.0f} s; load avg at end: {'n/a' if end_load is None else '/'.join(f'{v:.2f}' for v in end_load)}")
+    print(end_of_run(total))
+    print(busy_note(other_load, threads))
 
-    env["load_average_end"] = end_load
+    env["load_average_end"] = load_average()
+    env["other_processes_cores"] = other_load
     payload = {
         "benchmark": "bench_decompose",
         "quick": args.quick,

@@ -26,15 +26,28 @@ import opt_einsum
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ContractionCost", "PathCosts", "apply_mpo", "choose_path", "core_shapes", "merge_cores", "path_costs"]
+__all__ = [
+    "ContractionCost",
+    "PathCosts",
+    "apply_mpo",
+    "choose_path",
+    "core_path_penalty",
+    "core_shapes",
+    "merge_cores",
+    "path_costs",
+]
 
 CoreShapes = tuple[tuple[int, int, int, int], ...]
 Path = Literal["cores", "dense"]
 
-#: The core path runs a chain of small GEMMs with permutes in between; on CPU and GPU it
-#: reaches a fraction of the GEMM rate of one large matmul. Measured in
-#: ``benchmarks/bench_linear.py``: a core path needs this many times fewer FLOPs to win.
-CORE_PATH_PENALTY = 4.0
+#: The core path runs a chain of small GEMMs with permutes in between; it reaches a fraction of
+#: the GEMM rate of one large matmul, and a smaller fraction the larger the batch (its
+#: intermediates grow with the batch and stream through memory, while one big GEMM gets more
+#: efficient). Measured in ``benchmarks/bench_linear.py`` (break-even penalty: median ~1.4 at 32
+#: rows, ~6 at 1024, ~16 at 8192), fitted as ``CORE_PATH_PENALTY * (batch / 32) ** CORE_PATH_PENALTY_GROWTH``
+#: (see :func:`core_path_penalty`): a core path needs that many times fewer FLOPs to win.
+CORE_PATH_PENALTY = 3.0
+CORE_PATH_PENALTY_GROWTH = 0.25
 #: The core path is refused when its largest intermediate exceeds this many times the larger of
 #: the input and output activations, unless the dense path's own intermediate (``W``) is larger.
 CORE_PATH_MAX_INTERMEDIATE = 4.0
@@ -146,8 +159,13 @@ def path_costs(shapes: CoreShapes, batch: int, *, weight_cached: bool = False) -
     cores = _apply_cost(shapes, batch_class)
     activations = batch_class * max(rows, cols)
     memory_cap = max(CORE_PATH_MAX_INTERMEDIATE * activations, dense.largest_intermediate)
-    cores_ok = cores.flops * CORE_PATH_PENALTY < dense.flops and cores.largest_intermediate <= memory_cap
+    cores_ok = cores.flops * core_path_penalty(batch) < dense.flops and cores.largest_intermediate <= memory_cap
     return PathCosts(cores, dense, "cores" if cores_ok else "dense")
+
+
+def core_path_penalty(batch: int) -> float:
+    """How many times fewer FLOPs the core path needs than the dense path to be chosen, for ``batch`` rows."""
+    return CORE_PATH_PENALTY * max(1.0, batch / 32) ** CORE_PATH_PENALTY_GROWTH
 
 
 def choose_path(shapes: CoreShapes, batch: int, *, weight_cached: bool = False) -> Path:
