@@ -1,0 +1,164 @@
+"""``MoE(gate, experts)``: the one mixture-of-experts layer every gate and expert bank plugs into."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .experts.base import ExpertBank
+from .gates.base import Gate
+from .routing import Routing, RoutingStats
+
+__all__ = ["MoE", "aux_loss", "moe_layers"]
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts layer: ``x [..., d] -> [..., d_out]``.
+
+    The forward flattens tokens to ``[T, d]``, asks the gate for a :class:`~mpolab_moe.Routing`,
+    sorts the (token, expert) assignments by expert (a stable sort, so each expert sees its tokens
+    in order, first choices before second choices), hands the expert bank one contiguous group per
+    expert, and scatter-adds the weighted outputs back. Dropless by default; with
+    ``capacity_factor`` each expert takes at most ``ceil(k * capacity_factor * T / E)`` assignments
+    (GShard: earlier choices and earlier tokens first) and the rest are dropped: their
+    contribution is zero, so with a residual connection around the layer the token passes through
+    unchanged. Soft routing (MoV, MoLoRA) goes to the bank's ``forward_soft`` when it has one.
+
+    After each forward, :attr:`aux_loss` holds the gate's weighted auxiliary losses (a scalar
+    tensor with gradient, or ``None``) and :attr:`last_stats` a :class:`RoutingStats`.
+
+    Args:
+        gate: a :class:`~mpolab_moe.gates.base.Gate`.
+        experts: an :class:`~mpolab_moe.experts.base.ExpertBank` with the gate's ``num_experts``.
+        capacity_factor: ``None`` (dropless) or ``> 0``.
+
+    Example:
+        >>> layer = MoE(TopKGate(768, 8, k=1), DenseExperts(768, 3072, 8))    # Switch
+        >>> y = layer(torch.randn(4, 128, 768))
+        >>> layer.last_stats.tokens_per_expert.sum()
+        tensor(512)
+    """
+
+    def __init__(self, gate: Gate, experts: ExpertBank, *, capacity_factor: float | None = None) -> None:
+        super().__init__()
+        if not isinstance(gate, nn.Module) or not callable(getattr(gate, "forward", None)):
+            raise TypeError(f"gate must be a Gate module, got {type(gate).__name__}")
+        if not isinstance(experts, ExpertBank):
+            raise TypeError(
+                f"experts must be an ExpertBank (DenseExperts, MPOExperts, ...), got {type(experts).__name__}"
+            )
+        if gate.num_experts != experts.num_experts:
+            raise ValueError(f"gate routes to {gate.num_experts} experts but the bank has {experts.num_experts}")
+        if gate.d_model != experts.in_features:
+            raise ValueError(f"gate expects d_model={gate.d_model} but the experts take {experts.in_features}")
+        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
+            raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}")
+        self.gate, self.experts, self.capacity_factor = gate, experts, capacity_factor
+        gate.bind(experts)
+        self.aux_loss: Tensor | None = None
+        self.last_stats: RoutingStats | None = None
+        self.last_routing: Routing | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = self.experts.in_features
+        if x.shape[-1] != d:
+            raise ValueError(f"MoE expects inputs [..., {d}], got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        tokens = x.reshape(-1, d)
+        routing = self.gate(tokens)
+        if routing.num_tokens != tokens.shape[0] or routing.num_experts != self.num_experts:
+            raise ValueError(
+                f"{type(self.gate).__name__} routed {routing.num_tokens} tokens over {routing.num_experts} experts; "
+                f"expected {tokens.shape[0]} over {self.num_experts}"
+            )
+        if routing.is_soft and self.experts.supports_soft and self.capacity_factor is None:
+            out = self._soft(tokens, routing)
+        else:
+            out = self._sparse(tokens, routing.as_sparse())
+        bias = self.experts.output_bias
+        if bias is not None:
+            out = out + bias
+        self.aux_loss = routing.aux_loss
+        self.last_routing = routing
+        return out.reshape(*lead, out.shape[-1])
+
+    def _soft(self, tokens: Tensor, routing: Routing) -> Tensor:
+        weight = routing.soft_weight
+        assert weight is not None
+        out = self.experts.forward_soft(tokens, weight)
+        used = (weight != 0).sum(0).detach()
+        self._record(routing, used, dropped=0, without=int((weight == 0).all(-1).sum()))
+        return out
+
+    def _sparse(self, tokens: Tensor, routing: Routing) -> Tensor:
+        index, weight = routing.expert_index, routing.combine_weight
+        assert index is not None and weight is not None
+        T, k = index.shape
+        E = self.num_experts
+        # slot-major order: every token's first choice precedes any second choice (GShard priority)
+        flat_index = index.t().reshape(-1)
+        flat_weight = weight.t().reshape(-1)
+        flat_token = torch.arange(T, device=tokens.device).repeat(k)
+        valid = flat_index >= 0
+        if not bool(valid.all()):
+            flat_index, flat_weight, flat_token = flat_index[valid], flat_weight[valid], flat_token[valid]
+        if flat_index.numel() and int(flat_index.max()) >= E:
+            raise ValueError(f"{type(self.gate).__name__} returned expert id {int(flat_index.max())} >= E={E}")
+        order = torch.argsort(flat_index, stable=True)
+        expert, token, combine = flat_index[order], flat_token[order], flat_weight[order]
+        counts = torch.bincount(expert, minlength=E)
+        dropped = 0
+        if self.capacity_factor is not None:
+            capacity = math.ceil(k * self.capacity_factor * T / E)
+            starts = counts.cumsum(0) - counts
+            keep = torch.arange(expert.numel(), device=expert.device) - starts[expert] < capacity
+            dropped = int((~keep).sum())
+            if dropped:
+                expert, token, combine = expert[keep], token[keep], combine[keep]
+                counts = counts.clamp(max=capacity)
+        y = self.experts(tokens[token], counts.tolist())
+        out = y.new_zeros(T, y.shape[-1])
+        out.index_add_(0, token, y * combine.to(y.dtype).unsqueeze(-1))
+        reached = torch.zeros(T, dtype=torch.bool, device=tokens.device)
+        reached[token] = True
+        self._record(routing, counts.detach(), dropped=dropped, without=int((~reached).sum()))
+        return out
+
+    def _record(self, routing: Routing, counts: Tensor, *, dropped: int, without: int) -> None:
+        self.last_stats = RoutingStats(
+            tokens_per_expert=counts.cpu(),
+            dropped=dropped,
+            tokens_without_expert=without,
+            num_tokens=routing.num_tokens,
+            aux_losses={name: float(v.detach()) for name, v in routing.aux_losses.items()},
+        )
+
+    def extra_repr(self) -> str:
+        return f"capacity_factor={self.capacity_factor}" if self.capacity_factor is not None else "dropless"
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoE]:
+    """Every :class:`MoE` in ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the auxiliary losses of every :class:`MoE` layer in ``model`` from its latest forward.
+
+    Add it to the task loss (``loss = task_loss + 0.01 * aux_loss(model)``); a zero tensor when the
+    model has no MoE layer or no gate with aux losses.
+
+    Example:
+        >>> loss = out.loss + 0.01 * aux_loss(model)
+    """
+    terms = [m.aux_loss for m in moe_layers(model).values() if m.aux_loss is not None]
+    if not terms:
+        ref = next(model.parameters(), None)
+        return torch.zeros((), device=None if ref is None else ref.device)
+    return torch.stack([t.float() for t in terms]).sum()
