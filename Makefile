@@ -18,3 +18,5 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_decompose.py
 	$(PY) benchmarks/bench_linear.py
+	$(PY) benchmarks/bench_compress.py
+	$(PY) benchmarks/bench_moe.py

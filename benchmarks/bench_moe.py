@@ -1,0 +1,217 @@
+"""Benchmark the MoE layer: Switch (dense experts) and MPOE against one dense FFN and a naive loop.
+
+Shapes: T5-base FFN (d 768, F 3072, ReLU), ``--tokens`` tokens (4096), E = 8 experts, top-1 routing
+(Switch: every token runs one expert, so the per-token FLOPs equal the dense FFN's). Each row is a
+training step: forward + backward of ``y.square().mean()`` (plus the aux loss for the MoE rows).
+
+Rows:
+
+* ``dense FFN``: ``Linear(768, 3072) -> ReLU -> Linear(3072, 768)``, the baseline;
+* ``Switch, dense experts``: ``MoE(TopKGate(k=1), DenseExperts)``, sort-based dropless dispatch;
+* ``naive per-expert loop``: the same experts as ``nn.ModuleList`` of FFNs, each run on
+  ``x[index == e]`` and scattered back (what many reference implementations do);
+* ``MPOE``: ``MoE(TopKGate(k=1), MPOExperts)`` upcycled from the dense FFN at exact ranks and at
+  ``--max-rank`` (shared central tensor, per-expert auxiliary tensors);
+* the same MoE rows in eval (forward only, no grad), where MPOE serves cached weights.
+
+Targets (issue 4): top-1 dense MoE at least 0.7x the dense FFN's throughput; MPOE at least 0.8x
+Switch-dense's throughput with at most a quarter of its parameters; both well ahead of the loop.
+Timing: ``torch.set_num_threads``; compared calls are interleaved (see ``_common.time_interleaved``).
+
+Run: ``python benchmarks/bench_moe.py [--quick] [--threads N] [--device cuda]`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # benchmark the working tree, installed or not
+
+from _common import (  # noqa: E402
+    CpuMonitor,
+    busy_note,
+    describe_environment,
+    end_of_run,
+    environment,
+    fmt_seconds,
+    format_table,
+    setup_threads,
+    time_interleaved,
+    write_json,
+)
+
+from mpolab_moe import DenseExperts, MoE, TopKGate, aux_loss  # noqa: E402
+
+D_MODEL, D_FF, NUM_EXPERTS = 768, 3072, 8
+
+
+class NaiveLoopMoE(nn.Module):
+    """Top-1 MoE the straightforward way: a Python loop over experts with boolean masks."""
+
+    def __init__(self, gate: TopKGate, bank: DenseExperts) -> None:
+        super().__init__()
+        self.gate = gate
+        self.experts = nn.ModuleList()
+        for e in range(bank.num_experts):
+            up, down = nn.Linear(bank.in_features, bank.d_ff), nn.Linear(bank.d_ff, bank.out_features)
+            with torch.no_grad():
+                up.weight.copy_(bank.w1[e].T)
+                up.bias.copy_(bank.b1[e])
+                down.weight.copy_(bank.w2[e].T)
+                down.bias.copy_(bank.b2[e])
+            self.experts.append(nn.Sequential(up, nn.ReLU(), down))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = self.gate(x)
+        index, weight = routing.expert_index[:, 0], routing.combine_weight[:, 0]
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            mask = index == e
+            if mask.any():
+                out[mask] = expert(x[mask]) * weight[mask, None].to(x.dtype)
+        return out
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def train_step(module: nn.Module, x: torch.Tensor, with_aux: bool):
+    def step() -> None:
+        for p in module.parameters():
+            p.grad = None
+        loss = module(x).square().mean()
+        if with_aux:
+            loss = loss + 0.01 * aux_loss(module)
+        loss.backward()
+
+    return step
+
+
+def eval_step(module: nn.Module, x: torch.Tensor):
+    def step() -> None:
+        with torch.no_grad():
+            module(x)
+
+    return step
+
+
+def build(tokens: int, max_rank: int | None, device: torch.device) -> tuple[dict[str, nn.Module], dict]:
+    torch.manual_seed(0)
+    up, down = nn.Linear(D_MODEL, D_FF), nn.Linear(D_FF, D_MODEL)
+    dense = nn.Sequential(up, nn.ReLU(), down)
+    gate = TopKGate(D_MODEL, NUM_EXPERTS, k=1)
+    bank = DenseExperts(D_MODEL, D_FF, NUM_EXPERTS, activation="relu")
+    modules: dict[str, nn.Module] = {
+        "dense FFN": dense,
+        "Switch, dense experts": MoE(gate, bank),
+        "naive per-expert loop": NaiveLoopMoE(gate, bank),
+    }
+    info: dict = {}
+    try:
+        from mpolab_moe.experts.mpo import MPOExperts
+    except ImportError:
+        info["mpoe"] = "mpolab_moe.experts.mpo not available"
+    else:
+        for label, rank in (("MPOE, exact ranks", None), (f"MPOE, max_rank {max_rank}", max_rank)):
+            experts = MPOExperts.from_ffn(
+                up.weight.detach(),
+                down.weight.detach(),
+                NUM_EXPERTS,
+                b1=up.bias.detach(),
+                b2=down.bias.detach(),
+                activation="relu",
+                max_rank=rank,
+            )
+            modules[label] = MoE(TopKGate(D_MODEL, NUM_EXPERTS, k=1, weighting="one"), experts)
+    return {k: m.to(device) for k, m in modules.items()}, info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1024 tokens, fewer repeats")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--max-rank", type=int, default=64, help="bond cap of the truncated MPOE row")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    threads = setup_threads(args.threads)
+    device = torch.device(args.device)
+    tokens = 1024 if args.quick else args.tokens
+    env = environment(threads)
+    print(f"bench_moe: T5-base FFN shapes (d {D_MODEL}, F {D_FF}), E = {NUM_EXPERTS}, top-1, {tokens} tokens, {device}")
+    print(describe_environment(env))
+    monitor = CpuMonitor()
+    started = time.perf_counter()
+    modules, info = build(tokens, args.max_rank, device)
+    x = torch.randn(tokens, D_MODEL, device=device)
+    names = list(modules)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fns):
+        wrapped = [lambda f=f: (f(), sync()) for f in fns]
+        return time_interleaved(wrapped, warmup=2, repeats=3 if args.quick else 7, budget_s=4.0 if args.quick else 20.0)
+
+    train = timed([train_step(modules[n], x, with_aux=n != "dense FFN") for n in names])
+    infer = timed([eval_step(modules[n].eval(), x) for n in names])
+    for m in modules.values():
+        m.train()
+    base_train, base_eval = train[0].median, infer[0].median
+    switch_train = train[1].median
+    switch_params = num_params(modules["Switch, dense experts"])
+    rows, records = [], []
+    for n, t, e in zip(names, train, infer):
+        params = num_params(modules[n])
+        rows.append(
+            [
+                n,
+                f"{params:,}",
+                f"{params / switch_params:.3f}",
+                fmt_seconds(t.median),
+                f"{base_train / t.median:.2f}x",
+                f"{switch_train / t.median:.2f}x",
+                fmt_seconds(e.median),
+                f"{base_eval / e.median:.2f}x",
+            ]
+        )
+        records.append({"module": n, "params": params, "train_s": t.median, "eval_s": e.median})
+    print(
+        format_table(
+            [
+                "module",
+                "params",
+                "params / Switch",
+                "train step",
+                "throughput vs dense FFN",
+                "vs Switch",
+                "eval fwd",
+                "eval vs dense FFN",
+            ],
+            rows,
+        )
+    )
+    if info:
+        print(info)
+    by = {r["module"]: r for r in records}
+    print(f"\nSwitch top-1 training throughput: {base_train / switch_train:.2f}x the dense FFN (target >= 0.7)")
+    for n in names:
+        if n.startswith("MPOE"):
+            ratio = switch_train / by[n]["train_s"]
+            share = by[n]["params"] / switch_params
+            print(f"{n}: {ratio:.2f}x Switch's training throughput (target >= 0.8) with {share:.2f} of its parameters")
+    loop = by["naive per-expert loop"]["train_s"]
+    print(f"naive loop: Switch is {loop / switch_train:.2f}x faster in training")
+    print(busy_note(monitor.foreign_cores(), threads))
+    print(end_of_run(time.perf_counter() - started))
+    print(f"results: {write_json('bench_moe', {'environment': env, 'tokens': tokens, 'rows': records})}")
+
+
+if __name__ == "__main__":
+    main()
