@@ -1,0 +1,157 @@
+"""MPOE's gradient mask: shared central tensors skip a random fraction of optimizer updates.
+
+Every token of every expert sends gradient into the shared central tensors, so in plain training
+they move much more than any expert's auxiliary tensors ("unbalanced optimization" in the MPOE
+paper). The mask fixes that: before each optimizer step it draws ``P_m ~ U(0, 1)``; if
+``P_m < p_b`` the step is *masked*: the central tensors are not updated and, of the per-expert
+tensors, only the experts that received tokens since the previous step are; otherwise the step
+updates everything. ``p_b = 1`` is a frozen central tensor (MPOP's lightweight fine-tuning),
+``p_b = 0`` plain training.
+
+A zero gradient is not enough to hold a tensor still under Adam (its momentum keeps moving it) or
+under weight decay, so a masked step:
+
+* sets the central tensors' ``.grad`` to ``None``: torch optimizers skip such parameters and leave
+  their state untouched;
+* snapshots the slices of unrouted experts in every per-expert tensor (auxiliary cores and biases,
+  stacked ``[E, ...]``) and in the optimizer state tensors of the same shape (``exp_avg``,
+  ``exp_avg_sq``, ``momentum_buffer``, ...) before the step and writes them back after it, so those
+  experts are bit-identical afterwards. (Adam's scalar ``step`` counter is shared by all slices of
+  a tensor and still advances.)
+
+Routed experts are counted by forward pre-hooks on the :class:`~mpolab_moe.experts.mpo.MPOExperts`
+banks (their ``counts`` argument), accumulated over forwards since the last step, so gradient
+accumulation works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .experts.mpo import MPOExperts
+
+__all__ = ["GradientMask"]
+
+
+class GradientMask:
+    """Randomly mask the shared central tensors' updates of every MPOE bank in a model.
+
+    Args:
+        model: a module tree containing :class:`MPOExperts` banks, or an iterable of banks.
+        p_b: probability that a step is masked, in ``[0, 1]``.
+        seed: seed of the mask's own random generator (``None``: drawn from torch's global RNG).
+
+    Example:
+        >>> mask = GradientMask(model, p_b=0.5, seed=0).attach(optimizer)
+        >>> loss.backward(); optimizer.step()          # masked or not, decided inside step()
+        >>> mask.last_masked, mask.num_masked, mask.num_steps
+
+    Without :meth:`attach`, call ``mask.apply(optimizer)`` before and ``mask.restore()`` after
+    ``optimizer.step()``.
+    """
+
+    def __init__(self, model: nn.Module | Iterable[MPOExperts], p_b: float = 0.5, *, seed: int | None = None) -> None:
+        if isinstance(p_b, bool) or not isinstance(p_b, (int, float)) or not 0.0 <= float(p_b) <= 1.0:
+            raise ValueError(f"p_b must be a probability in [0, 1], got {p_b!r}")
+        if isinstance(model, nn.Module):
+            banks = [m for m in model.modules() if isinstance(m, MPOExperts)]
+            searched = type(model).__name__
+        else:
+            banks = list(model)
+            searched = "the given iterable"
+            for bank in banks:
+                if not isinstance(bank, MPOExperts):
+                    raise TypeError(f"expected MPOExperts banks, got {type(bank).__name__}")
+        if not banks:
+            raise ValueError(
+                f"no MPOExperts bank found in {searched}; the gradient mask applies to MPOE layers "
+                "(build them with upcycle/moefy(..., experts='mpo') or MPOExperts)"
+            )
+        self.banks = banks
+        self.p_b = float(p_b)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
+        self.last_masked = False
+        self.num_steps = 0
+        self.num_masked = 0
+        self._routed = {id(b): torch.zeros(b.num_experts, dtype=torch.bool) for b in banks}
+        self._saved: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._handles = [b.register_forward_pre_hook(self._record) for b in banks]
+
+    # ------------------------------------------------------------------ routing record
+    def _record(self, bank: nn.Module, args: tuple[Any, ...]) -> None:
+        if torch.is_grad_enabled() and len(args) >= 2:
+            counts = torch.as_tensor(list(args[1])) > 0
+            self._routed[id(bank)] |= counts
+
+    def routed_experts(self, bank: MPOExperts) -> Tensor:
+        """``[E]`` bool: which experts of ``bank`` received tokens (with grad) since the last step."""
+        return self._routed[id(bank)].clone()
+
+    # ------------------------------------------------------------------ the step
+    def attach(self, optimizer: torch.optim.Optimizer) -> GradientMask:
+        """Run :meth:`apply` / :meth:`restore` around every ``optimizer.step()`` (any torch optimizer)."""
+        self._optimizer = optimizer
+        self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+        self._handles.append(optimizer.register_step_post_hook(self._post_step))
+        return self
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.apply(optimizer)
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.restore()
+
+    def detach(self) -> None:
+        """Remove every hook this mask registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def draw(self) -> bool:
+        """Draw ``P_m ~ U(0, 1)`` from the mask's generator: ``True`` (mask this step) when ``P_m < p_b``."""
+        return bool(torch.rand((), generator=self.generator).item() < self.p_b)
+
+    @torch.no_grad()
+    def apply(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Decide this step; if masked, drop central gradients and snapshot unrouted experts. Returns masked."""
+        optimizer = optimizer if optimizer is not None else self._optimizer
+        self.last_masked = self.draw()
+        self.num_steps += 1
+        self._saved = []
+        if not self.last_masked:
+            return False
+        self.num_masked += 1
+        for bank in self.banks:
+            for p in bank.central_parameters():
+                p.grad = None
+            idle = (~self._routed[id(bank)]).nonzero().flatten()
+            if idle.numel() == 0:
+                continue
+            for p in bank.expert_parameters():
+                idx = idle.to(p.device)
+                tensors = [p]
+                if optimizer is not None:
+                    state = optimizer.state.get(p, {})
+                    tensors += [s for s in state.values() if isinstance(s, Tensor) and s.shape == p.shape]
+                self._saved += [(t, idx, t[idx].clone()) for t in tensors]
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """After ``optimizer.step()``: put back the unrouted experts' slices and reset the routing record."""
+        for tensor, idx, values in self._saved:
+            tensor[idx] = values
+        self._saved = []
+        for routed in self._routed.values():
+            routed.zero_()
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientMask(p_b={self.p_b}, banks={len(self.banks)}, steps={self.num_steps}, masked={self.num_masked})"
+        )
