@@ -1,0 +1,193 @@
+"""Shared parts of the MPOE fine-tuning examples: a small word-arithmetic text task and the training loops.
+
+The task is generated here, so the examples run anywhere: sentences such as
+``"what is three plus four"`` with the answer ``"seven"``. A word-level tokenizer covers the
+tiny random models; a local checkpoint brings its own tokenizer.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mpolab_moe import GradientMask, aux_loss, moe_layers
+
+NUMBERS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen"
+).split()
+SPECIALS = ["<pad>", "</s>", "<unk>"]
+WORDS = [*SPECIALS, "what", "is", "plus", "minus", *NUMBERS]
+
+
+def arithmetic_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """``n`` (question, answer) pairs: sums and differences of numbers up to nine, answers up to eighteen."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        if rng.random() < 0.5:
+            pairs.append((f"what is {NUMBERS[a]} plus {NUMBERS[b]}", NUMBERS[a + b]))
+        else:
+            a, b = max(a, b), min(a, b)
+            pairs.append((f"what is {NUMBERS[a]} minus {NUMBERS[b]}", NUMBERS[a - b]))
+    return pairs
+
+
+class WordTokenizer:
+    """Whitespace tokenizer over the task's words (id 0 pads, id 1 ends a sequence)."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def __init__(self) -> None:
+        self.ids = {w: i for i, w in enumerate(WORDS)}
+        self.words = list(WORDS)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def encode(self, text: str, eos: bool = True) -> list[int]:
+        ids = [self.ids.get(w, 2) for w in text.split()]
+        return ids + [self.eos_token_id] if eos else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(self.words[i] for i in ids if i > 2)
+
+
+class HFTokenizer:
+    """The same two calls on a Hugging Face tokenizer loaded from a local checkpoint."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.pad_token_id, self.eos_token_id = self.tok.pad_token_id, self.tok.eos_token_id
+
+    def __len__(self) -> int:
+        return len(self.tok)
+
+    def encode(self, text: str, eos: bool = True) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False)
+        return ids + [self.eos_token_id] if eos else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([i for i in ids if i not in (self.pad_token_id, self.eos_token_id)]).strip()
+
+
+def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs])
+
+
+def routing_summary(model: nn.Module) -> str:
+    """Mean load imbalance (max/mean tokens per expert; 1.0 is perfect) over the model's MoE layers."""
+    stats = [layer.last_stats for layer in moe_layers(model).values() if layer.last_stats is not None]
+    if not stats:
+        return "no routing yet"
+    imbalance = sum(s.load_imbalance for s in stats) / len(stats)
+    busiest = max(int(s.tokens_per_expert.max()) for s in stats)
+    return f"load imbalance {imbalance:.2f} (busiest expert {busiest} tokens)"
+
+
+@dataclass
+class TrainResult:
+    first_loss: float
+    last_loss: float
+    seconds: float
+    masked_steps: int
+    steps: int
+
+
+def train(
+    model: nn.Module,
+    batches: Callable[[int], dict[str, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    aux_weight: float,
+    p_b: float,
+    seed: int,
+    log_every: int = 50,
+) -> TrainResult:
+    """A plain PyTorch loop: task loss + ``aux_weight * aux_loss(model)``, AdamW, MPOE's gradient mask."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    mask = GradientMask(model, p_b=p_b, seed=seed).attach(optimizer)
+    model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = batches(step)
+        task = model(**batch).loss
+        loss = task + aux_weight * aux_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(task.item())
+        if step % log_every == 0 or step in (1, steps):
+            window = losses[-log_every:]
+            print(
+                f"step {step:4d}  task loss {sum(window) / len(window):.3f}  masked steps "
+                f"{mask.num_masked}/{mask.num_steps}  {routing_summary(model)}"
+            )
+    first = sum(losses[:10]) / min(10, len(losses))
+    last = sum(losses[-10:]) / min(10, len(losses))
+    return TrainResult(first, last, time.perf_counter() - start, mask.num_masked, mask.num_steps)
+
+
+def train_with_hf_trainer(
+    model: nn.Module,
+    examples: list[dict[str, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    aux_weight: float,
+    p_b: float,
+    seed: int,
+    batch_size: int,
+    output_dir: str,
+) -> TrainResult:
+    """The same training inside a Hugging Face ``Trainer``: the aux loss is added in ``compute_loss``.
+
+    The optimizer is built here and handed to the Trainer, so the gradient mask can attach to it.
+    """
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    class MoETrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):  # noqa: ANN001, ANN003
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+            loss = loss + aux_weight * aux_loss(model)  # reaches the loss the Trainer back-propagates
+            return (loss, outputs) if return_outputs else loss
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    mask = GradientMask(model, p_b=p_b, seed=seed).attach(optimizer)
+    args = TrainingArguments(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        logging_steps=max(1, steps // 5),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+        disable_tqdm=True,
+    )
+    trainer = MoETrainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        data_collator=default_data_collator,
+        optimizers=(optimizer, None),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    print(f"Trainer: logged losses {[round(v, 3) for v in history]}; masked steps {mask.num_masked}/{mask.num_steps}")
+    print(routing_summary(model))
+    return TrainResult(history[0], history[-1], time.perf_counter() - start, mask.num_masked, mask.num_steps)

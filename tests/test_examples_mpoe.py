@@ -1,0 +1,63 @@
+"""The MPOE fine-tuning examples run end to end (a few steps), plain and inside a Hugging Face Trainer."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import _mpoe_common  # noqa: E402
+import finetune_gpt2_mpoe  # noqa: E402
+import finetune_t5_mpoe  # noqa: E402
+
+from mpolab_moe import GradientMask, moe_layers, moefy  # noqa: E402
+
+
+@pytest.mark.parametrize("example", [finetune_t5_mpoe, finetune_gpt2_mpoe], ids=["t5", "gpt2"])
+def test_example_trains_and_the_loss_goes_down(example, capsys):
+    result = example.main(["--steps", "25", "--batch-size", "8"])
+    out = capsys.readouterr().out
+    assert "upcycle  mpo" in out and "masked steps" in out and "load imbalance" in out
+    assert result["last_loss"] < 0.8 * result["first_loss"]
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_example_runs_inside_hf_trainer(capsys):
+    result = finetune_gpt2_mpoe.main(["--steps", "6", "--batch-size", "8", "--trainer"])
+    assert "Trainer: logged losses" in capsys.readouterr().out
+    assert result["last_loss"] < result["first_loss"]
+
+
+def test_aux_loss_reaches_the_loss_the_trainer_optimises(tmp_path):
+    tok = _mpoe_common.WordTokenizer()
+    batch = finetune_gpt2_mpoe.encode(_mpoe_common.arithmetic_pairs(64, seed=0), tok)
+    examples = [{k: v[i] for k, v in batch.items()} for i in range(64)]
+
+    def router_after(aux_weight):
+        torch.manual_seed(0)
+        model = finetune_gpt2_mpoe.build_model(None, len(tok))
+        moefy(model, layers=[1], num_experts=4, experts="mpo")
+        _mpoe_common.train_with_hf_trainer(
+            model, examples, steps=3, lr=1e-2, aux_weight=aux_weight, p_b=0.0, seed=0, batch_size=8,
+            output_dir=str(tmp_path / str(aux_weight)),
+        )  # fmt: skip
+        (layer,) = moe_layers(model).values()
+        return layer.gate.weight.detach().clone()
+
+    assert not torch.allclose(router_after(0.0), router_after(10.0))
+
+
+def test_gradient_mask_is_attached_in_the_plain_loop():
+    tok = _mpoe_common.WordTokenizer()
+    model = finetune_t5_mpoe.build_model(None, len(tok))
+    moefy(model, layers=[3], num_experts=4, experts="mpo")
+    pairs = _mpoe_common.arithmetic_pairs(64, seed=0)
+    result = _mpoe_common.train(
+        model, lambda s: finetune_t5_mpoe.encode(pairs[:8], tok), steps=4, lr=1e-3, aux_weight=0.01, p_b=1.0, seed=0
+    )
+    assert result.masked_steps == result.steps == 4
+    with pytest.raises(ValueError, match="no MPOExperts"):
+        GradientMask(finetune_t5_mpoe.build_model(None, len(tok)))
