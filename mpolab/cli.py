@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         "inspect",
         help="summarise a saved compressed model",
         description="Print each MPO layer's shape, factors, ranks, parameters and bond-spectrum summary "
-        "(how many singular values hold 90%% / 99%% of the energy at its widest bond).",
+        "(how many singular values hold 90% / 99% of the energy at its widest bond).",
     )
     i.add_argument("path", type=Path, help="a folder written by 'mpolab compress --out' or mpolab.save")
 
@@ -92,12 +92,14 @@ def _load_model(name: str) -> tuple[Any, Any]:
 def _compress(args: argparse.Namespace) -> int:
     from .compress import compress
 
-    model, tokenizer = _load_model(args.model)
+    if args.plot is not None:
+        _require_matplotlib()  # before any work: a missing plotting library must not cost a compression
     if args.out is not None:
         _check_writable(args.out)
+    model, tokenizer = _load_model(args.model)
     report = compress(
         model,
-        args.targets[0] if args.targets == ["all-linear"] else args.targets,
+        args.targets,
         exclude_modules=args.exclude,
         ratio=args.ratio,
         max_params=args.max_params,
@@ -107,16 +109,16 @@ def _compress(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(report)
-    if args.plot is not None:
-        _plot(model, report, args.plot)
-        print(f"plot written to {args.plot}")
-    if args.out is not None:
+    if args.out is not None:  # save first: the model is the result, the plot only a picture of it
         from .io import save
 
         save(model, args.out)
         if tokenizer is not None:
             tokenizer.save_pretrained(args.out)
         print(f"saved to {args.out}")
+    if args.plot is not None:
+        _plot(model, report, args.plot)
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -190,7 +192,8 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot(model: torch.nn.Module, report: Any, path: Path) -> None:
+def _require_matplotlib() -> Any:
+    """``matplotlib.pyplot`` on the Agg back end, or an ImportError saying how to install it."""
     try:
         import matplotlib
 
@@ -198,6 +201,12 @@ def _plot(model: torch.nn.Module, report: Any, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("--plot needs matplotlib: pip install 'mpolab-torch[plot]'") from e
+    return plt
+
+
+def _plot(model: torch.nn.Module, report: Any, path: Path) -> None:
+    """Bond spectra and per-layer error vs parameters kept, as a PNG at ``path``."""
+    plt = _require_matplotlib()
     from .compress import mpo_modules
 
     layers = mpo_modules(model)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,11 @@ from torch import nn
 
 from .training import Trainable, param_groups, set_trainable
 
-__all__ = ["HealReport", "fidelity", "heal", "sentence_embeddings"]
+__all__ = ["DEFAULT_MAX_LENGTH", "HealReport", "fidelity", "heal", "sentence_embeddings"]
+
+#: Tokens per text (longer texts are truncated) in :func:`heal`, :func:`fidelity` and
+#: :func:`sentence_embeddings`, so that a fidelity measured on its own matches heal's report.
+DEFAULT_MAX_LENGTH = 64
 
 
 @dataclass
@@ -82,11 +87,32 @@ def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, device: tor
     return {k: v.to(device) for k, v in batch.items() if k in keep}
 
 
+@contextmanager
+def _eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put ``models`` in eval mode (no dropout) and restore every submodule's own mode afterwards."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def sentence_embeddings(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_length: int = DEFAULT_MAX_LENGTH,
 ) -> torch.Tensor:
-    """Mean-pooled, L2-normalised last hidden states: ``[len(texts), d]`` (sentence-transformers style)."""
+    """Mean-pooled, L2-normalised last hidden states: ``[len(texts), d]`` (sentence-transformers style).
+
+    The model runs in whatever mode it is in; :func:`fidelity` switches to eval mode first.
+    """
     device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(texts), batch_size):
@@ -96,12 +122,28 @@ def sentence_embeddings(
     return torch.cat(chunks)
 
 
-def fidelity(student: nn.Module, teacher: nn.Module, tokenizer: Any, texts: Sequence[str], **kwargs: Any) -> float:
-    """Mean cosine similarity between the student's and the teacher's sentence embeddings."""
+def fidelity(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> float:
+    """Mean cosine similarity between the student's and the teacher's sentence embeddings.
+
+    Both models run in eval mode (no dropout), and every module's train/eval mode is restored
+    afterwards. ``max_length`` defaults to :data:`DEFAULT_MAX_LENGTH`, as in :func:`heal`.
+
+    Raises:
+        ValueError: ``texts`` is empty.
+    """
     if not texts:
         raise ValueError("fidelity needs at least one text")
-    a = sentence_embeddings(student, tokenizer, texts, **kwargs)
-    b = sentence_embeddings(teacher, tokenizer, texts, **kwargs)
+    with _eval_mode(student, teacher):
+        a = sentence_embeddings(student, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+        b = sentence_embeddings(teacher, tokenizer, texts, batch_size=batch_size, max_length=max_length)
     return float((a * b).sum(-1).mean())
 
 
@@ -116,7 +158,7 @@ def heal(
     lr: float = 1e-3,
     mpo_lr: float | None = None,
     trainable: Trainable = "auxiliary",
-    max_length: int = 64,
+    max_length: int = DEFAULT_MAX_LENGTH,
     eval_texts: Sequence[str] | None = None,
     progress: bool = True,
     seed: int = 0,
@@ -130,6 +172,7 @@ def heal(
         texts: unlabeled training sentences.
         steps, batch_size, lr, mpo_lr: the AdamW loop (``mpo_lr`` defaults to ``lr``).
         trainable: ``"auxiliary"`` (MPOP: central tensors frozen) or ``"all"`` / ``"central"``.
+        max_length: tokens per text, for training and for the fidelity measurements.
         eval_texts: held-out sentences for :func:`fidelity` before and after (default: ``texts``).
         progress: show a tqdm bar with the running loss.
 
@@ -141,43 +184,40 @@ def heal(
     if not texts:
         raise ValueError("heal needs unlabeled training texts")
     eval_texts = list(eval_texts) if eval_texts is not None else list(texts)
-    was_training = student.training
-    student.eval()  # no dropout: match the teacher's deterministic outputs
-    teacher.eval()
-    before = fidelity(student, teacher, tokenizer, eval_texts, max_length=max_length)
-    set_trainable(student, trainable)
-    optimizer = torch.optim.AdamW(param_groups(student, lr=lr, mpo_lr=mpo_lr))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    device = next(student.parameters()).device
-    rng = random.Random(seed)
-    order: list[int] = []
-    losses: list[float] = []
-    bar = _bar(steps, progress)
-    start = time.perf_counter()
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order += rng.sample(range(len(texts)), len(texts))
-        batch_texts = [texts[i] for i in order[:batch_size]]
-        del order[:batch_size]
-        batch = _tokenize(tokenizer, batch_texts, max_length, device)
-        with torch.no_grad():
-            target = _hidden_states(teacher, batch)
-        states = _hidden_states(student, batch)
-        loss = _distillation_loss(states, target, batch["attention_mask"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+    with _eval_mode(student, teacher):  # no dropout: match the teacher's deterministic outputs
+        before = fidelity(student, teacher, tokenizer, eval_texts, max_length=max_length)
+        set_trainable(student, trainable)
+        optimizer = torch.optim.AdamW(param_groups(student, lr=lr, mpo_lr=mpo_lr))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        device = next(student.parameters()).device
+        rng = random.Random(seed)
+        order: list[int] = []
+        losses: list[float] = []
+        bar = _bar(steps, progress)
+        start = time.perf_counter()
+        for _ in range(steps):
+            if len(order) < batch_size:
+                order += rng.sample(range(len(texts)), len(texts))
+            batch_texts = [texts[i] for i in order[:batch_size]]
+            del order[:batch_size]
+            batch = _tokenize(tokenizer, batch_texts, max_length, device)
+            with torch.no_grad():
+                target = _hidden_states(teacher, batch)
+            states = _hidden_states(student, batch)
+            loss = _distillation_loss(states, target, batch["attention_mask"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    if bar is not None:
-        bar.close()
-    seconds = time.perf_counter() - start
-    after = fidelity(student, teacher, tokenizer, eval_texts, max_length=max_length)
-    student.train(was_training)
-    return HealReport(before, after, losses, steps, seconds)
+            bar.close()
+        seconds = time.perf_counter() - start
+        after = fidelity(student, teacher, tokenizer, eval_texts, max_length=max_length)
+        return HealReport(before, after, losses, steps, seconds)
 
 
 def _distillation_loss(

@@ -9,8 +9,14 @@ A saved model is a folder:
   ``model_class`` (``"transformers.GPT2LMHeadModel"``).
 * ``config.json``: the Hugging Face config, for Hugging Face models.
 
-Every file is written to a temporary file in the folder and moved into place only once all of
-them are written, so a failed save leaves the previous files untouched. Loading never unpickles:
+Every file is written to a temporary file in the folder, and the temporary files are moved over
+the final names (``os.replace``) only once all of them are complete: an error while writing
+leaves the files of an earlier save untouched. Each file is replaced atomically, the folder as a
+whole is not: the moves happen one after the other (``model.safetensors``, then ``config.json``,
+then ``mpolab_config.json`` last), so a crash between two moves can leave new and old files side
+by side. A ``config.json`` that an earlier save of a Hugging Face model wrote (its
+``mpolab_config.json`` recorded a ``model_class``) is removed when a model without one is saved
+over it. Loading never unpickles:
 tensors are read with :func:`safetensors.torch.load_file` and MPO layers are rebuilt empty from
 the recorded structure (no decomposition), then filled from the file.
 
@@ -63,8 +69,14 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
 
     Writes ``model.safetensors`` (the full ``state_dict``; tied weights stored once),
     ``mpolab_config.json`` (the MPO layers' structure) and, for a Hugging Face model,
-    ``config.json``. The folder is created if missing; files of an earlier save are replaced only
-    once every new file has been written completely, so an error leaves them as they were.
+    ``config.json``. The folder is created if missing. Files of an earlier save are replaced only
+    once every new file has been written completely, so an error while writing leaves them as
+    they were. Each file is then replaced atomically, one after the other with
+    ``mpolab_config.json`` last; the folder as a whole is not swapped atomically. When a model
+    that is not a Hugging Face model is saved over an earlier save of one, that save's
+    ``config.json`` is removed (it would describe another model); a ``config.json`` not written
+    by ``mpolab.save`` (no earlier ``mpolab_config.json`` with a ``model_class``) is left alone,
+    as are other files in the folder (tokenizer files, for instance).
 
     Args:
         model: any ``nn.Module``; its MPO layers are found by :func:`mpolab.compress.mpo_modules`
@@ -99,6 +111,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     if model_class is not None:
         record["model_class"] = model_class
     hf_config = getattr(model, "config", None) if _is_hf_model(model) else None
+    stale_hf_config = hf_config is None and _wrote_hf_config(path)
 
     pending: list[tuple[Path, Path]] = []  # (temporary, final)
     try:
@@ -107,16 +120,16 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         safetensors.torch.save_model(model, str(tmp), metadata={"format": "pt"})
         _fsync(tmp)
 
-        tmp = _new_temp(path, CONFIG_NAME)
-        pending.append((tmp, path / CONFIG_NAME))
-        _write_text(tmp, json.dumps(record, indent=2, sort_keys=False) + "\n")
-
         if hf_config is not None:
             tmp = _new_temp(path, HF_CONFIG_NAME)
             pending.append((tmp, path / HF_CONFIG_NAME))
             _write_text(tmp, hf_config.to_json_string(use_diff=True))
 
-        # Everything is written: move it into place (the structure file last).
+        tmp = _new_temp(path, CONFIG_NAME)
+        pending.append((tmp, path / CONFIG_NAME))
+        _write_text(tmp, json.dumps(record, indent=2, sort_keys=False) + "\n")
+
+        # Everything is written: move each file into place, the structure file last.
         for tmp, final in pending:
             os.replace(tmp, final)
     except BaseException:
@@ -126,7 +139,20 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
             except FileNotFoundError:
                 pass
         raise
+    if stale_hf_config:
+        (path / HF_CONFIG_NAME).unlink(missing_ok=True)
     return path
+
+
+def _wrote_hf_config(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``config.json`` from an earlier ``save`` of a Hugging Face model."""
+    if not (folder / HF_CONFIG_NAME).is_file():
+        return False
+    try:
+        record = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and bool(record.get("model_class"))
 
 
 def _describe(module: MPOModule) -> dict[str, Any]:

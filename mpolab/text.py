@@ -3,7 +3,8 @@
 Two sources, both offline:
 
 * :func:`reference_sentences`: prose sentences from the Python language reference, which
-  CPython ships as ``pydoc_data.topics`` (about 650 after filtering out code and fragments);
+  CPython ships as ``pydoc_data.topics`` (528 on Python 3.11.7 after filtering out code and
+  fragments; the count depends on the Python version);
 * :func:`everyday_sentences`: 80 everyday sentences written for this project
   (``mpolab/data/everyday_sentences.txt``), a different domain for held-out checks.
 """

@@ -185,18 +185,23 @@ def _swap_in_optimizer(optimizer: torch.optim.Optimizer, swaps: Mapping[nn.Param
 class DimensionSqueezer:
     """MPOP's dimension squeezing as a training-loop helper.
 
-    Call :meth:`step` with each training loss. After ``warmup`` steps the exponential moving
-    average of the loss becomes the target. Whenever the average has stayed within
-    ``(1 + tolerance)`` of the target for ``settle`` steps, every bond is lowered by ``shrink``
-    (never below ``min_rank``). If after a squeeze the average does not come back within
-    ``patience`` steps, the last squeeze is undone (the previous cores are restored) and
-    squeezing stops.
+    Call :meth:`step` with each training loss. After ``warmup`` steps (at the first step for
+    ``warmup=0``) the exponential moving average of the loss becomes the target. Whenever the
+    average has stayed within ``(1 + tolerance)`` of the target for ``settle`` steps, every bond
+    is lowered by ``shrink`` (never below ``min_rank``). If after a squeeze the average does not
+    come back within ``patience`` steps, the last squeeze is undone (the previous cores are
+    restored) and squeezing stops.
 
     Example:
         >>> squeezer = DimensionSqueezer(model, optimizer, shrink=8)
         >>> for batch in data:
         ...     loss = step(batch)
         ...     squeezer.step(loss.item())
+
+    Raises:
+        TypeError: a count or rate of the wrong type.
+        ValueError: ``shrink``, ``min_rank``, ``settle`` or ``patience`` below 1, ``warmup`` below 0,
+            ``tolerance`` below 0, ``ema`` outside ``[0, 1)``, or a model without MPO layers.
     """
 
     def __init__(
@@ -212,8 +217,25 @@ class DimensionSqueezer:
         patience: int = 300,
         ema: float = 0.98,
     ) -> None:
-        if shrink < 1 or min_rank < 1:
-            raise ValueError(f"shrink and min_rank must be >= 1, got {shrink} and {min_rank}")
+        for arg, value, least in (
+            ("shrink", shrink, 1),
+            ("min_rank", min_rank, 1),
+            ("warmup", warmup, 0),
+            ("settle", settle, 1),
+            ("patience", patience, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{arg} must be an int >= {least}, got {value!r}")
+            if value < least:
+                raise ValueError(f"{arg} must be an int >= {least}, got {value}")
+        for arg, value in (("tolerance", tolerance), ("ema", ema)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{arg} must be a float, got {value!r}")
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0 (allowed relative rise of the loss), got {tolerance}")
+        if not 0 <= ema < 1:
+            raise ValueError(f"ema must be in [0, 1) (weight of the previous average), got {ema}")
+        _require_mpo_modules(model)
         self.model, self.optimizer = model, optimizer
         self.shrink, self.min_rank, self.tolerance = shrink, min_rank, tolerance
         self.warmup, self.settle, self.patience, self.ema = warmup, settle, patience, ema
@@ -232,7 +254,7 @@ class DimensionSqueezer:
         self.average = loss if self.average is None else self.ema * self.average + (1 - self.ema) * loss
         if self.done:
             return False
-        if self.steps == self.warmup:
+        if self.target is None and self.steps >= self.warmup:  # warmup=0: the first loss is the target
             self.target = self.average
         if self.target is None:
             return False

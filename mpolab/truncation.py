@@ -35,6 +35,7 @@ __all__ = [
     "check_rel_tol",
     "choose_backend",
     "choose_rank",
+    "feasible_ranks",
     "full_bond_dims",
     "low_rank_split",
     "num_params_for_ranks",
@@ -71,6 +72,28 @@ def full_bond_dims(core_sizes: Sequence[int]) -> list[int]:
         left *= s
         dims.append(min(left, total // left))
     return dims
+
+
+def feasible_ranks(core_sizes: Sequence[int], ranks: Sequence[int]) -> list[int]:
+    """The largest bond ranks ``<= ranks`` that an MPO with cores of ``core_sizes`` entries can hold.
+
+    Bond ``k`` sits between cores ``k`` and ``k + 1`` (``s_k = i_k·j_k`` entries each), so its rank
+    is at most ``r_{k-1}·s_k`` and at most ``r_{k+1}·s_{k+1}`` (``r_{-1} = r_n = 1``). A TT-SVD
+    sweep silently clips a larger rank on the left side and stores a redundant one on the right,
+    so parameters counted for infeasible ranks are never used.
+
+    Example:
+        >>> feasible_ranks([16, 16, 16, 16, 64], [8, 1, 108, 8])
+        [8, 1, 16, 8]
+    """
+    if len(ranks) != len(core_sizes) - 1:
+        raise ValueError(f"{len(core_sizes)} cores have {len(core_sizes) - 1} bonds, got {len(ranks)} ranks: {ranks}")
+    r = [int(x) for x in ranks]
+    for k in range(len(r)):  # left to right: r_k <= r_{k-1} s_k
+        r[k] = min(r[k], (r[k - 1] if k else 1) * core_sizes[k])
+    for k in range(len(r) - 1, -1, -1):  # right to left: r_k <= r_{k+1} s_{k+1}
+        r[k] = min(r[k], (r[k + 1] if k + 1 < len(r) else 1) * core_sizes[k + 1])
+    return r
 
 
 def num_params_for_ranks(core_sizes: Sequence[int], ranks: Sequence[int]) -> int:

@@ -91,3 +91,44 @@ def test_demo_runs_on_the_real_minilm_and_heals(capsys):
     assert 0.0 < heal.fidelity_before < 1.0
     assert heal.fidelity_after > heal.fidelity_before  # six distillation steps already help
     assert figures["report"].ratio <= 0.5 + 1e-6
+
+
+# ---------------------------------------------------------------------------- regressions
+
+
+def test_all_linear_mixes_with_other_targets(bert_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["compress", str(bert_folder), "--max-rank", "4", "--targets", "all-linear", "word_embeddings"]
+    assert cli.main([*args, "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    layers = mpo_modules(mpolab.load(out))
+    assert len(layers) == 14 and "embeddings.word_embeddings" in layers  # 13 linear layers and the embedding
+
+
+def test_missing_matplotlib_fails_before_any_work(bert_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "out"
+    args = ["compress", str(bert_folder), "--ratio", "0.5", "--out", str(out), "--plot", str(tmp_path / "p.png")]
+    assert cli.main([*args, "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert "--plot needs matplotlib" in captured.err
+    assert "targets:" not in captured.out and not out.exists()  # nothing was compressed or written
+
+
+def test_the_model_is_saved_before_the_plot_is_drawn(bert_folder, tmp_path, capsys, monkeypatch):
+    def broken_plot(*args, **kwargs):
+        raise ValueError("plotting failed")
+
+    monkeypatch.setattr(cli, "_plot", broken_plot)
+    out = tmp_path / "out"
+    args = ["compress", str(bert_folder), "--max-rank", "4", "--out", str(out), "--plot", str(tmp_path / "p.png")]
+    assert cli.main([*args, "--no-progress"]) == 2
+    assert "plotting failed" in capsys.readouterr().err
+    assert len(mpo_modules(mpolab.load(out))) == 13
+
+
+def test_inspect_help_shows_single_percent_signs(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["inspect", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "90% / 99%" in text and "%%" not in text

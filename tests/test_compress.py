@@ -142,3 +142,151 @@ def test_allocation_spends_the_budget_where_spectra_decay():
     }
     ranks = allocate_ranks(spectra, budget=8 * 5)  # 8 parameters per rank unit: room for 5 of 8 units
     assert ranks == {"fast": [2], "flat": [3]}
+
+
+# ---------------------------------------------------------------------------- regressions
+
+
+def test_feasible_ranks_clip_both_neighbours():
+    from mpolab.truncation import feasible_ranks
+
+    assert feasible_ranks([16, 16, 16, 16, 64], [8, 1, 108, 8]) == [8, 1, 16, 8]
+    assert feasible_ranks([2, 2, 2, 2], [1, 4, 4]) == [1, 2, 2]  # left then right neighbour
+    assert feasible_ranks([4, 4, 4], [3, 2]) == [3, 2]
+
+
+def _is_feasible(sizes, ranks) -> bool:
+    """Bond k holds at most r_{k-1} * s_k and r_{k+1} * s_{k+1} (r_{-1} = r_n = 1)."""
+    bonds = [1, *ranks, 1]
+    return all(bonds[k] <= min(bonds[k - 1] * sizes[k - 1], bonds[k + 1] * sizes[k]) for k in range(1, len(bonds) - 1))
+
+
+def test_allocation_counts_only_feasible_ranks():
+    from mpolab.compress import _Spectrum
+    from mpolab.truncation import num_params_for_ranks
+
+    d = torch.float64
+    sizes = [2, 2, 2, 2]  # bond 1 holds at most 2 * r_0
+    values = [torch.tensor([1.0, 0.01], dtype=d), torch.ones(4, dtype=d), torch.ones(2, dtype=d)]
+    spectra = {"a": _Spectrum(sizes, values, 4.0, [2, 4, 2])}
+    for budget in range(8, 41, 4):
+        ranks = allocate_ranks(spectra, budget)["a"]
+        assert _is_feasible(sizes, ranks), (budget, ranks)  # was [1, 4, 1] at 20: 20 counted, 12 real
+        assert budget - 6 <= num_params_for_ranks(sizes, ranks) <= budget
+
+
+def _random_and_structured() -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 256, bias=False), nn.Linear(1024, 256, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(256, 1024, generator=g))
+        kron = sum(
+            torch.kron(torch.kron(torch.randn(16, 32, generator=g), torch.randn(4, 8, generator=g)), torch.randn(4, 4))
+            for _ in range(2)
+        )
+        model[1].weight.copy_(kron / kron.norm() * 512 + 0.02 * torch.randn(256, 1024, generator=g))
+    return model
+
+
+def test_global_budget_is_spent_and_beats_a_uniform_cap():
+    # The review's case: the allocator ignored bond feasibility, spent 3-5k of 16,640 parameters
+    # and ended with a higher mean error than a uniform cap.
+    from mpolab.compress import _weight_of, uniform_rank_for_budget
+
+    budget = 16_640
+    allocated = mpolab.compress(_random_and_structured(), "all-linear", max_params=budget)
+    assert 0.97 * budget <= allocated.params_after <= budget
+    for r in allocated.layers:
+        sizes = [i * j for i, j in zip(r.out_factors, r.in_factors)]
+        assert _is_feasible(sizes, r.ranks)
+    model = _random_and_structured()
+    cap = uniform_rank_for_budget({n: _weight_of(m) for n, m in find_targets(model).items()}, budget)
+    uniform = mpolab.compress(model, "all-linear", max_rank=cap)
+    assert uniform.params_after <= budget
+    assert allocated.mean_rel_error < uniform.mean_rel_error
+
+
+def test_a_bare_layer_is_refused_and_left_alone():
+    layer = nn.Linear(64, 64)
+    with pytest.raises(ValueError, match=r"wrap it.*MPOLinear.from_linear"):
+        mpolab.compress(layer, "all-linear", max_rank=4)
+    assert not any(True for _ in layer.children())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(ratio=0.5, max_rank=[4, 4]), ValueError, r"max_rank=\[4, 4\] has 2 entries.*4 bonds"),
+        (dict(max_params=10_000, max_rank=[4, 4, 4, 4, 4]), ValueError, "5 entries"),
+        (dict(max_rank=[4, 4]), ValueError, "2 entries"),
+        (dict(ratio=0.5, max_rank=0), ValueError, "max_rank must be >= 1"),
+        (dict(max_params=0), ValueError, "max_params must be a positive int"),
+        (dict(max_params=-5), ValueError, "max_params must be a positive int"),
+        (dict(max_params=1e5), TypeError, "max_params must be a positive int"),
+        (dict(num_cores=1), ValueError, "num_cores"),
+    ],
+)
+def test_bad_budget_options_are_value_errors(kwargs, error, match):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with pytest.raises(error, match=match):
+        mpolab.compress(model, "all-linear", **kwargs)
+    assert all(isinstance(m, nn.Linear) for m in model)
+
+
+def test_all_linear_works_inside_a_list():
+    model = FAMILIES["bert"]()
+    everything = set(find_targets(model, "all-linear"))
+    assert set(find_targets(model, ["all-linear"])) == everything
+    assert set(find_targets(model, ["all-linear", "word_embeddings"])) == everything | {"embeddings.word_embeddings"}
+    assert set(find_targets(model, ["all-linear", "query"], exclude_modules="pooler.dense")) == everything - {
+        "pooler.dense"
+    }
+
+
+def test_broad_regex_keeps_the_compressible_matches():
+    model = FAMILIES["bert"]()
+    found = find_targets(model, r".*attention.*")
+    assert found and all(isinstance(m, nn.Linear) for m in found.values())
+    assert "encoder.layer.0.attention.self.query" in found and "encoder.layer.0.attention.output.dense" in found
+    # a pattern matching only unsupported modules is still refused, with the types it hit
+    with pytest.raises(ValueError, match="LayerNorm"):
+        find_targets(model, ["query", r".*LayerNorm"])
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_invalid_regex_is_a_clear_error(field):
+    model = FAMILIES["bert"]()
+    kwargs = {"target_modules": "query", field: "query["}
+    with pytest.raises(ValueError, match=r"'query\[' is not a valid regular expression"):
+        find_targets(model, **kwargs)
+    with pytest.raises(TypeError, match="target_modules"):
+        find_targets(model, 3)
+
+
+def test_error_in_a_later_layer_leaves_the_model_untouched():
+    model = FAMILIES["bert"]()
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError):
+        mpolab.compress(model, "all-linear", rank_pattern={"pooler.dense": {"rel_tol": 2.0}})
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_tied_weights_are_refused_naming_both_modules():
+    model = FAMILIES["gpt2"]()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    params = sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match=r"'transformer.wte'.weight is tied to \['lm_head.weight'\]"):
+        mpolab.compress(model, ["wte"], max_rank=4)
+    assert isinstance(model.transformer.wte, nn.Embedding)
+    assert sum(p.numel() for p in model.parameters()) == params
+    shared = nn.Linear(16, 16)
+    with pytest.raises(ValueError, match="tied"):
+        mpolab.compress(nn.Sequential(shared, nn.ReLU(), shared), "all-linear")
+
+
+@pytest.mark.parametrize("options", [dict(max_norm=1.0), dict(sparse=True)])
+def test_embeddings_with_max_norm_or_sparse_are_refused(options):
+    model = nn.Sequential(nn.Embedding(64, 16, **options), nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="max_norm"):
+        mpolab.compress(model, ["0", "1"], max_rank=4)
+    assert isinstance(model[0], nn.Embedding) and isinstance(model[1], nn.Linear)

@@ -67,3 +67,31 @@ def test_heal_bad_inputs(tokenizer):
         mpolab.heal(model, model, tokenizer, ["x"], steps=0, progress=False)
     with pytest.raises(ValueError, match="texts"):
         mpolab.heal(model, model, tokenizer, [], steps=1, progress=False)
+
+
+# ---------------------------------------------------------------------------- regressions
+
+
+def test_fidelity_runs_in_eval_mode_and_restores_each_mode(tokenizer):
+    model = small_bert().train()  # dropout 0.1: train mode would make the two passes differ
+    model.pooler.eval()
+    texts = ["A short sentence.", "Another one, a little longer than the first."]
+    assert fidelity(model, model, tokenizer, texts) == pytest.approx(1.0, abs=1e-6)
+    assert model.training and model.encoder.training and not model.pooler.training
+
+
+def test_heal_and_fidelity_share_one_default_max_length():
+    import inspect
+
+    from mpolab.heal import DEFAULT_MAX_LENGTH
+
+    for fn in (mpolab.heal, fidelity, sentence_embeddings):
+        assert inspect.signature(fn).parameters["max_length"].default == DEFAULT_MAX_LENGTH, fn.__name__
+
+
+def test_heal_restores_the_teachers_mode(tokenizer):
+    teacher = small_bert().train()
+    student = copy.deepcopy(teacher)
+    mpolab.compress(student, ["intermediate.dense"], max_rank=4)
+    mpolab.heal(student, teacher, tokenizer, ["x y z.", "a b c."], steps=1, batch_size=2, progress=False)
+    assert teacher.training and student.training

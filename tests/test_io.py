@@ -321,3 +321,41 @@ def test_tensor_shape_mismatch_is_named_and_undone(saved):
     with pytest.raises(ValueError, match=r"'embeddings\.word_embeddings\.weight': file \(128, 32\), model \(64, 32\)"):
         mpolab.load(saved["bert"][2], base)
     assert not mpo_modules(base)
+
+
+# ---------------------------------------------------------------------------- regressions
+
+
+def test_saving_a_plain_model_over_a_hf_save_removes_its_config_json(saved, tmp_path):
+    folder = mpolab.save(saved["bert"][0], tmp_path / "out")
+    assert (folder / HF_CONFIG_NAME).is_file()
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    mpolab.compress(model, "all-linear", max_rank=2)
+    mpolab.save(model, folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(mpolab.load(folder, base=base)(x), model(x))
+
+
+def test_a_config_json_not_written_by_save_is_left_alone(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / HF_CONFIG_NAME).write_text('{"mine": true}')
+    mpolab.save(nn.Sequential(nn.Linear(4, 4)), folder)
+    assert (folder / HF_CONFIG_NAME).read_text() == '{"mine": true}'
+
+
+def test_save_moves_the_structure_file_last(saved, tmp_path, monkeypatch):
+    import os
+
+    moved = []
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        moved.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    mpolab.save(saved["bert"][0], tmp_path / "out")
+    assert moved == [WEIGHTS_NAME, HF_CONFIG_NAME, CONFIG_NAME]

@@ -101,3 +101,46 @@ def test_dimension_squeezer_squeezes_while_loss_holds_and_reverts_when_it_does_n
     states = [ranks0] + [ranks[name] for _, ranks in squeezer.history]
     assert states[-1] == states[-3] != states[-2]  # restored to the ranks before the undone squeeze
     assert model.get_submodule(name).ranks == states[-1]
+
+
+# ---------------------------------------------------------------------------- regressions
+
+
+def test_dimension_squeezer_with_no_warmup_squeezes():
+    model = compressed_bert(max_rank=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    squeezer = DimensionSqueezer(model, opt, shrink=4, min_rank=8, warmup=0, settle=3)
+    assert any(squeezer.step(1.0) for _ in range(5))
+    assert max(model.encoder.layer[0].intermediate.dense.ranks) < 16
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(warmup=-1), ValueError),
+        (dict(settle=0), ValueError),
+        (dict(patience=0), ValueError),
+        (dict(shrink=0), ValueError),
+        (dict(tolerance=-0.1), ValueError),
+        (dict(ema=1.0), ValueError),
+        (dict(warmup=2.5), TypeError),
+    ],
+)
+def test_dimension_squeezer_validates_its_arguments(kwargs, error):
+    model = compressed_bert(max_rank=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(error, match=next(iter(kwargs))):
+        DimensionSqueezer(model, opt, **kwargs)
+    with pytest.raises(ValueError, match="no MPO layers"):
+        DimensionSqueezer(nn.Linear(4, 4), opt)
+
+
+def test_squeeze_ratio_spends_its_budget_on_feasible_ranks():
+    model = compressed_bert(max_rank=16)
+    result = squeeze(model, ratio=0.3)
+    assert 0.27 * result.params_before <= result.params_after <= 0.3 * result.params_before
+    for m in mpo_modules(model).values():
+        bonds, sizes = [1, *m.ranks, 1], [i * j for i, j in zip(m.out_factors, m.in_factors)]
+        assert all(
+            bonds[k] <= min(bonds[k - 1] * sizes[k - 1], bonds[k + 1] * sizes[k]) for k in range(1, len(bonds) - 1)
+        )
