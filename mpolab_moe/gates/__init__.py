@@ -1,6 +1,25 @@
 """Gates: ``x [T, d] -> Routing``. Every gate works with every expert bank."""
 
+from .avg_k import AvgKGate, refresh_avg_k_gates
 from .base import Gate, load_balancing_loss, router_z_loss
+from .moefication import GroundTruthGate, MLPGate, SimilarityGate, activation_mass_captured, train_mlp_gate
+from .soft_merge import SoftMergeGate
+from .top_any import AdaptResult, TopAnyGate
 from .top_k import TopKGate
 
-__all__ = ["Gate", "TopKGate", "load_balancing_loss", "router_z_loss"]
+__all__ = [
+    "AdaptResult",
+    "AvgKGate",
+    "Gate",
+    "GroundTruthGate",
+    "MLPGate",
+    "SimilarityGate",
+    "SoftMergeGate",
+    "TopAnyGate",
+    "TopKGate",
+    "activation_mass_captured",
+    "load_balancing_loss",
+    "refresh_avg_k_gates",
+    "router_z_loss",
+    "train_mlp_gate",
+]
