@@ -20,3 +20,6 @@ bench: install
 	$(PY) benchmarks/bench_linear.py
 	$(PY) benchmarks/bench_compress.py
 	$(PY) benchmarks/bench_moe.py
+	$(PY) benchmarks/bench_gates.py
+	$(PY) benchmarks/bench_split.py
+	$(PY) benchmarks/bench_peft.py

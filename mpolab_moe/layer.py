@@ -122,7 +122,7 @@ class MoE(nn.Module):
             if dropped:
                 expert, token, combine = expert[keep], token[keep], combine[keep]
                 counts = counts.clamp(max=capacity)
-        y = self.experts(tokens[token], counts.tolist())
+        y = self.experts(tokens.index_select(0, token), counts.tolist())  # backward: index_add_, not index_put_
         out = y.new_zeros(T, y.shape[-1])
         out.index_add_(0, token, y * combine.to(y.dtype).unsqueeze(-1))
         reached = torch.zeros(T, dtype=torch.bool, device=tokens.device)

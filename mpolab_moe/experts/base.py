@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ExpertBank", "grouped_matmul", "expand_per_row"]
+__all__ = ["ExpertBank", "expand_per_row", "grouped_matmul", "use_padded_bmm"]
 
 #: Padded ``bmm`` is used when padding every group to the largest adds at most this fraction of rows.
 PAD_OVERHEAD = 0.25
@@ -54,41 +54,66 @@ def expand_per_row(values: Tensor, counts: Sequence[int]) -> Tensor:
     return values.repeat_interleave(repeats, dim=0, output_size=int(sum(counts)))
 
 
-def grouped_matmul(x: Tensor, weight: Tensor, counts: Sequence[int]) -> Tensor:
-    """``out[rows of e] = x[rows of e] @ weight[e]`` for contiguous groups.
+def use_padded_bmm(x: Tensor, counts: Sequence[int]) -> bool:
+    """Whether :func:`grouped_matmul` pads the groups into one ``bmm`` rather than one GEMM per group.
+
+    Only on accelerators, where one kernel beats ``E`` launches, and only when the groups are
+    nearly balanced (padding adds at most :data:`PAD_OVERHEAD` of the rows). On CPU one ``mm`` /
+    ``addmm`` per group is faster: no padding copy, no masked rows, bias fused (measured in
+    ``benchmarks/bench_moe.py``: padded ``bmm`` made Switch 1.5x slower than a per-expert loop).
+    """
+    E, N = len(counts), x.shape[0]
+    return x.device.type != "cpu" and E > 1 and max(counts) * E <= (1 + PAD_OVERHEAD) * N
+
+
+def grouped_matmul(x: Tensor, weight: Tensor, counts: Sequence[int], bias: Tensor | None = None) -> Tensor:
+    """``out[rows of e] = x[rows of e] @ weight[e] (+ bias[e])`` for contiguous groups.
 
     Args:
         x: ``[N, a]`` rows sorted by group.
         weight: ``[E, a, b]``.
         counts: ``E`` group sizes summing to ``N``.
+        bias: optional ``[E, b]``, added to each group's rows (fused into the GEMM).
 
     Returns:
         ``[N, b]``.
 
-    One padded ``bmm`` when the groups are nearly balanced (padding adds at most
-    :data:`PAD_OVERHEAD` of the rows), else one GEMM per non-empty group on views of ``x`` (no
-    copies of the weights, no masks; see ``benchmarks/bench_moe.py``).
+    One GEMM per non-empty group on views of ``x`` (no copies of the weights, no masks), or one
+    padded ``bmm`` on accelerators when the groups are nearly balanced (:func:`use_padded_bmm`).
     """
     E = weight.shape[0]
     if len(counts) != E:
         raise ValueError(f"counts has {len(counts)} groups, weight has {E}")
+    if bias is not None and bias.shape != (E, weight.shape[-1]):
+        raise ValueError(f"bias must be [E={E}, {weight.shape[-1]}], got {tuple(bias.shape)}")
     N = x.shape[0]
     if N == 0:
         return x.new_zeros(0, weight.shape[-1])
-    largest = max(counts)
-    if E > 1 and largest * E <= (1 + PAD_OVERHEAD) * N:
-        return _padded_bmm(x, weight, counts, largest)
-    parts = [chunk @ weight[e] for e, chunk in enumerate(torch.split(x, list(counts))) if chunk.shape[0]]
+    if use_padded_bmm(x, counts):
+        return _padded_bmm(x, weight, counts, max(counts), bias)
+    chunks = torch.split(x, list(counts))
+    # unbind, not weight[e]: its backward stacks the E gradients once instead of materialising a
+    # zero-filled [E, a, b] gradient per expert (which made training 2x slower than a loop over
+    # separate nn.Linear experts in benchmarks/bench_moe.py)
+    weights = weight.unbind(0)
+    if bias is None:
+        parts = [chunk @ weights[e] for e, chunk in enumerate(chunks) if chunk.shape[0]]
+    else:
+        biases = bias.unbind(0)
+        parts = [torch.addmm(biases[e], chunk, weights[e]) for e, chunk in enumerate(chunks) if chunk.shape[0]]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _padded_bmm(x: Tensor, weight: Tensor, counts: Sequence[int], largest: int) -> Tensor:
+def _padded_bmm(x: Tensor, weight: Tensor, counts: Sequence[int], largest: int, bias: Tensor | None) -> Tensor:
     E = weight.shape[0]
     if all(c == largest for c in counts):
-        return torch.bmm(x.view(E, largest, -1), weight).reshape(x.shape[0], -1)
+        padded = x.view(E, largest, -1)
+        out = torch.bmm(padded, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), padded, weight)
+        return out.reshape(x.shape[0], -1)
     group = torch.repeat_interleave(torch.arange(E, device=x.device), torch.as_tensor(counts, device=x.device))
     starts = torch.as_tensor([0, *counts[:-1]], device=x.device).cumsum(0)
     position = torch.arange(x.shape[0], device=x.device) - starts[group]
     padded = x.new_zeros(E, largest, x.shape[1])
     padded[group, position] = x
-    return torch.bmm(padded, weight)[group, position]
+    out = torch.bmm(padded, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), padded, weight)
+    return out[group, position]

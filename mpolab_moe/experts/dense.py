@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..activations import get_activation
-from .base import ExpertBank, expand_per_row, grouped_matmul
+from .base import ExpertBank, grouped_matmul
 
 __all__ = ["DenseExperts"]
 
@@ -124,17 +124,12 @@ class DenseExperts(ExpertBank):
 
     def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         """``x [N, d]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]``."""
-        h = grouped_matmul(x, self.w1, counts)
-        if self.b1 is not None:
-            h = h + expand_per_row(self.b1, counts)
+        h = grouped_matmul(x, self.w1, counts, self.b1)
         if self.w_gate is not None:
             h = self.act(grouped_matmul(x, self.w_gate, counts)) * h
         else:
             h = self.act(h)
-        y = grouped_matmul(h, self.w2, counts)
-        if self.b2 is not None:
-            y = y + expand_per_row(self.b2, counts)
-        return y
+        return grouped_matmul(h, self.w2, counts, self.b2)
 
     def extra_repr(self) -> str:
         return (

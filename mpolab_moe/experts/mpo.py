@@ -248,15 +248,19 @@ class SharedCentralMPO(nn.Module):
         cached = not self._needs_grad()
         return self.path_costs(num_tokens, weight_cached=cached).chosen
 
-    def forward(self, x: Tensor, counts: Sequence[int], *, path: str = "auto") -> Tensor:
-        """``x [N, in_features]`` sorted by expert, ``counts[e]`` rows each -> ``[N, out_features]``."""
+    def forward(self, x: Tensor, counts: Sequence[int], bias: Tensor | None = None, *, path: str = "auto") -> Tensor:
+        """``x [N, in_features]`` sorted by expert, ``counts[e]`` rows each -> ``[N, out_features]``.
+
+        ``bias``: optional per-expert ``[E, out_features]`` added to each expert's rows.
+        """
         if path == "auto":
             path = self.choose_path(x.shape[0])
         if path == "cores":
-            return self._apply_cores(x, counts)
+            y = self._apply_cores(x, counts)
+            return y if bias is None else y + expand_per_row(bias, counts)
         if path != "dense":
             raise ValueError(f"path must be 'auto', 'dense' or 'cores', got {path!r}")
-        return grouped_matmul(x, self.expert_weights(), counts)
+        return grouped_matmul(x, self.expert_weights(), counts, bias)
 
     def extra_repr(self) -> str:
         return (
@@ -540,17 +544,12 @@ class MPOExperts(ExpertBank):
     # ------------------------------------------------------------------ compute
     def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         """``x [N, d]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]``."""
-        h = self.w1(x, counts)
-        if self.b1 is not None:
-            h = h + expand_per_row(self.b1, counts)
+        h = self.w1(x, counts, self.b1)
         if self.w_gate is not None:
             h = self.act(self.w_gate(x, counts)) * h
         else:
             h = self.act(h)
-        y = self.w2(h, counts)
-        if self.b2 is not None:
-            y = y + expand_per_row(self.b2, counts)
-        return y
+        return self.w2(h, counts, self.b2)
 
     def extra_repr(self) -> str:
         return (

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..activations import get_activation
-from .base import ExpertBank, expand_per_row, grouped_matmul
+from .base import ExpertBank, grouped_matmul
 
 __all__ = ["SlicedExperts", "check_groups"]
 
@@ -209,9 +209,7 @@ class SlicedExperts(ExpertBank):
 
     def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         """``x [N, d]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]``."""
-        h = grouped_matmul(x, self.w1, counts)
-        if self.b1 is not None:
-            h = h + expand_per_row(self.b1, counts)
+        h = grouped_matmul(x, self.w1, counts, self.b1)
         if self.w_gate is not None:
             h = self.act(grouped_matmul(x, self.w_gate, counts)) * h
         else:
