@@ -7,6 +7,7 @@ tiny random models; a local checkpoint brings its own tokenizer.
 
 from __future__ import annotations
 
+import argparse
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +80,22 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([i for i in ids if i not in (self.pad_token_id, self.eos_token_id)]).strip()
+
+
+def make_parser(description: str, family: str) -> argparse.ArgumentParser:
+    """The options both MPOE examples take."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", help=f"local {family} checkpoint folder (default: a tiny random {family})")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--num-experts", type=int, default=8)
+    parser.add_argument("--max-rank", type=int, default=None, help="truncate the MPO experts (default: exact)")
+    parser.add_argument("--p-b", type=float, default=0.5, help="gradient-mask probability (MPOE)")
+    parser.add_argument("--aux-weight", type=float, default=0.01, help="weight of the load-balancing loss")
+    parser.add_argument("--trainer", action="store_true", help="train inside a Hugging Face Trainer")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
 
 
 def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:

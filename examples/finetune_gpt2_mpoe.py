@@ -13,7 +13,6 @@ routing balance and the held-out accuracy of greedy answers.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from collections import defaultdict
@@ -26,6 +25,7 @@ from _mpoe_common import (  # noqa: E402
     HFTokenizer,
     WordTokenizer,
     arithmetic_pairs,
+    make_parser,
     pad,
     train,
     train_with_hf_trainer,
@@ -84,18 +84,7 @@ def accuracy(model: torch.nn.Module, pairs: list[tuple[str, str]], tok) -> float
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="local GPT-2 checkpoint folder (default: a tiny random GPT-2)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--num-experts", type=int, default=8)
-    parser.add_argument("--max-rank", type=int, default=None, help="truncate the MPO experts (default: exact)")
-    parser.add_argument("--p-b", type=float, default=0.5, help="gradient-mask probability (MPOE)")
-    parser.add_argument("--aux-weight", type=float, default=0.01, help="weight of the load-balancing loss")
-    parser.add_argument("--trainer", action="store_true", help="train inside a Hugging Face Trainer")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = make_parser(__doc__.split("\n\n")[0], "GPT-2").parse_args(argv)
 
     torch.manual_seed(args.seed)
     tok = HFTokenizer(args.model) if args.model else WordTokenizer()

@@ -25,29 +25,61 @@ from mpolab.demo import load_minilm
 TOPICS = {
     "weather": (
         ["The forecast says", "This morning", "Since Tuesday", "According to the radio", "Over the weekend"],
-        ["it will rain heavily in the north", "a cold wind is blowing from the sea", "the sky stayed grey and damp",
-         "thunderstorms are expected after lunch", "the temperature fell below freezing", "fog covered the valley",
-         "the sun finally came out", "snow is piling up on the roads"],
+        [
+            "it will rain heavily in the north",
+            "a cold wind is blowing from the sea",
+            "the sky stayed grey and damp",
+            "thunderstorms are expected after lunch",
+            "the temperature fell below freezing",
+            "fog covered the valley",
+            "the sun finally came out",
+            "snow is piling up on the roads",
+        ],
     ),
     "cooking": (
-        ["My aunt explained that", "In this recipe", "The chef insists that", "At the cooking class",
-         "For the sauce"],
-        ["the onions must be fried slowly", "you should knead the dough for ten minutes",
-         "the soup needs a pinch of salt", "the rice is rinsed before boiling", "garlic goes in at the very end",
-         "the cake bakes for forty minutes", "the fish is grilled with lemon", "butter makes the pastry flaky"],
+        ["My aunt explained that", "In this recipe", "The chef insists that", "At the cooking class", "For the sauce"],
+        [
+            "the onions must be fried slowly",
+            "you should knead the dough for ten minutes",
+            "the soup needs a pinch of salt",
+            "the rice is rinsed before boiling",
+            "garlic goes in at the very end",
+            "the cake bakes for forty minutes",
+            "the fish is grilled with lemon",
+            "butter makes the pastry flaky",
+        ],
     ),
     "sport": (
-        ["In the final match", "Last season", "According to the coach", "During the second half",
-         "At the championship"],
-        ["the striker scored twice", "the goalkeeper saved a penalty", "the team won by three points",
-         "the runner broke the national record", "the referee showed a red card", "the cyclists climbed the pass",
-         "the swimmer finished first", "the defence held firm until the whistle"],
+        [
+            "In the final match",
+            "Last season",
+            "According to the coach",
+            "During the second half",
+            "At the championship",
+        ],
+        [
+            "the striker scored twice",
+            "the goalkeeper saved a penalty",
+            "the team won by three points",
+            "the runner broke the national record",
+            "the referee showed a red card",
+            "the cyclists climbed the pass",
+            "the swimmer finished first",
+            "the defence held firm until the whistle",
+        ],
     ),
     "travel": (
         ["On our trip", "The guidebook says", "Before the flight", "At the station", "During the holiday"],
-        ["we missed the last train to the coast", "the hotel had a view of the harbour",
-         "our luggage arrived a day late", "the ferry crossed to the island", "we rented bicycles to see the old town",
-         "the museum was closed on Mondays", "we queued for our passports", "the night bus took eleven hours"],
+        [
+            "we missed the last train to the coast",
+            "the hotel had a view of the harbour",
+            "our luggage arrived a day late",
+            "the ferry crossed to the island",
+            "we rented bicycles to see the old town",
+            "the museum was closed on Mondays",
+            "we queued for our passports",
+            "the night bus took eleven hours",
+        ],
     ),
 }
 
@@ -96,10 +128,14 @@ def main() -> None:
     model = Classifier(encoder, len(TOPICS))
     mpolab.set_trainable(model, "auxiliary")  # central tensors frozen; biases, norms, head train
     encoder.embeddings.requires_grad_(False)  # and, to keep it light, the 11.7M embedding table too
-    counts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "total": sum(p.numel() for p in model.parameters())}
-    print(f"trainable: {counts['trainable']:,} of {counts['total']:,} parameters "
-          f"({counts['trainable'] / counts['total']:.1%})")
+    counts = {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in model.parameters()),
+    }
+    print(
+        f"trainable: {counts['trainable']:,} of {counts['total']:,} parameters "
+        f"({counts['trainable'] / counts['total']:.1%})"
+    )
     optimizer = torch.optim.AdamW(mpolab.param_groups(model, lr=2e-3, mpo_lr=1e-3))
     train, held_out = make_dataset()
     print(f"held-out accuracy before: {accuracy(model, tokenizer, held_out):.3f}")

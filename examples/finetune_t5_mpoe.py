@@ -13,7 +13,6 @@ optimizer. Prints the loss, the routing balance and the held-out exact-match acc
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ from _mpoe_common import (  # noqa: E402
     HFTokenizer,
     WordTokenizer,
     arithmetic_pairs,
+    make_parser,
     pad,
     train,
     train_with_hf_trainer,
@@ -69,18 +69,7 @@ def exact_match(model: torch.nn.Module, pairs: list[tuple[str, str]], tok) -> fl
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="local T5 checkpoint folder (default: a tiny random T5)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--num-experts", type=int, default=8)
-    parser.add_argument("--max-rank", type=int, default=None, help="truncate the MPO experts (default: exact)")
-    parser.add_argument("--p-b", type=float, default=0.5, help="gradient-mask probability (MPOE)")
-    parser.add_argument("--aux-weight", type=float, default=0.01, help="weight of the load-balancing loss")
-    parser.add_argument("--trainer", action="store_true", help="train inside a Hugging Face Trainer")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = make_parser(__doc__.split("\n\n")[0], "T5").parse_args(argv)
 
     torch.manual_seed(args.seed)
     tok = HFTokenizer(args.model) if args.model else WordTokenizer()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ExpertBank", "expand_per_row", "grouped_matmul", "use_padded_bmm"]
+__all__ = ["ExpertBank", "check_ffn_weights", "expand_per_row", "grouped_matmul", "use_padded_bmm"]
 
 #: Padded ``bmm`` is used when padding every group to the largest adds at most this fraction of rows.
 PAD_OVERHEAD = 0.25
@@ -46,6 +46,28 @@ class ExpertBank(nn.Module):
     def output_bias(self) -> Tensor | None:
         """A bias added once per token after combining (e.g. a dense FFN's b2 shared by sliced experts)."""
         return None
+
+
+def check_ffn_weights(
+    w1: Tensor, w2: Tensor, w_gate: Tensor | None = None, b1: Tensor | None = None, b2: Tensor | None = None
+) -> tuple[int, int, int]:
+    """Validate one FFN in ``nn.Linear`` layout; returns ``(F, d, d_out)``.
+
+    ``w1 [F, d]`` up projection, ``w2 [d_out, F]`` down projection, ``w_gate [F, d]``, ``b1 [F]``, ``b2 [d_out]``.
+    """
+    if not isinstance(w1, Tensor) or not isinstance(w2, Tensor) or w1.dim() != 2 or w2.dim() != 2:
+        shapes = [tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__ for w in (w1, w2)]
+        raise ValueError(f"w1 must be [F, d] and w2 [d_out, F] matrices, got {shapes[0]} and {shapes[1]}")
+    F_, d = w1.shape
+    if w2.shape[1] != F_:
+        raise ValueError(f"w2 {tuple(w2.shape)} does not take w1's {F_} hidden units (expected [d_out, {F_}])")
+    if w_gate is not None and w_gate.shape != w1.shape:
+        raise ValueError(f"w_gate {tuple(w_gate.shape)} must have w1's shape {tuple(w1.shape)}")
+    if b1 is not None and b1.shape != (F_,):
+        raise ValueError(f"b1 must be [{F_}], got {tuple(b1.shape)}")
+    if b2 is not None and b2.shape != (w2.shape[0],):
+        raise ValueError(f"b2 must be [{w2.shape[0]}], got {tuple(b2.shape)}")
+    return F_, d, w2.shape[0]
 
 
 def expand_per_row(values: Tensor, counts: Sequence[int]) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..activations import get_activation
-from .base import ExpertBank, grouped_matmul
+from .base import ExpertBank, check_ffn_weights, grouped_matmul
 
 __all__ = ["DenseExperts"]
 
@@ -95,11 +95,7 @@ class DenseExperts(ExpertBank):
             w1: ``[F, d]`` up projection; ``w2``: ``[d_out, F]`` down projection;
             w_gate: ``[F, d]`` gate projection of a gated FFN; biases ``b1 [F]``, ``b2 [d_out]``.
         """
-        F_, d = w1.shape
-        if w2.shape[1] != F_:
-            raise ValueError(f"w2 {tuple(w2.shape)} does not take w1's {F_} hidden units (expected [d_out, {F_}])")
-        if w_gate is not None and w_gate.shape != w1.shape:
-            raise ValueError(f"w_gate {tuple(w_gate.shape)} must have w1's shape {tuple(w1.shape)}")
+        F_, d, _ = check_ffn_weights(w1, w2, w_gate, b1, b2)
         bank = cls(
             d,
             F_,

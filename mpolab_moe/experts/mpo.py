@@ -36,7 +36,7 @@ from mpolab.shapes import plan_factors
 from mpolab.truncation import bond_caps, num_params_for_ranks
 
 from ..activations import get_activation
-from .base import ExpertBank, expand_per_row, grouped_matmul
+from .base import ExpertBank, check_ffn_weights, expand_per_row, grouped_matmul
 from .dense import DenseExperts
 
 __all__ = ["MPOExperts", "SharedCentralMPO", "mpoe_param_ratio"]
@@ -436,11 +436,7 @@ class MPOExperts(ExpertBank):
         """
         if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        F_, d = w1.shape
-        if w2.ndim != 2 or w2.shape[1] != F_:
-            raise ValueError(f"w2 {tuple(w2.shape)} does not take w1's {F_} hidden units (expected [d_out, {F_}])")
-        if w_gate is not None and w_gate.shape != w1.shape:
-            raise ValueError(f"w_gate {tuple(w_gate.shape)} must have w1's shape {tuple(w1.shape)}")
+        F_, d, _ = check_ffn_weights(w1, w2, w_gate, b1, b2)
         given = {"w1": w1, "w_gate": w_gate, "w2": w2}
         mpos = {}
         errors = {}

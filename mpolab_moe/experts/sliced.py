@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..activations import get_activation
-from .base import ExpertBank, grouped_matmul
+from .base import ExpertBank, check_ffn_weights, grouped_matmul
 
 __all__ = ["SlicedExperts", "check_groups"]
 
@@ -138,15 +138,7 @@ class SlicedExperts(ExpertBank):
         Example:
             >>> bank = SlicedExperts.from_ffn(w1, w2, random_split(3072, 16), b1=b1, b2=b2, activation="gelu")
         """
-        if w1.dim() != 2 or w2.dim() != 2 or w2.shape[1] != w1.shape[0]:
-            raise ValueError(
-                f"w1 must be [F, d] and w2 [d_out, F] with the same F, got {tuple(w1.shape)} and {tuple(w2.shape)}"
-            )
-        F_, d = w1.shape
-        if w_gate is not None and w_gate.shape != w1.shape:
-            raise ValueError(f"w_gate {tuple(w_gate.shape)} must have w1's shape {tuple(w1.shape)}")
-        if b1 is not None and b1.shape != (F_,):
-            raise ValueError(f"b1 must be [{F_}], got {tuple(b1.shape)}")
+        F_, d, _ = check_ffn_weights(w1, w2, w_gate, b1, b2)
         groups = check_groups(groups, F_).to(w1.device)
         E, m = groups.shape
         with torch.no_grad():
