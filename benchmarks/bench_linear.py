@@ -275,7 +275,9 @@ def bench_mpo(
     out_f, in_f = layer.out_features, layer.in_features
     gemm = 2.0 * batch * in_f * out_f
     activations = contract._batch_class(batch) * max(math.prod(layer.out_factors), math.prod(layer.in_factors))
-    fits = uncached.cores.largest_intermediate <= contract.CORE_PATH_MAX_INTERMEDIATE * activations
+    # the library's cap: CORE_PATH_MAX_INTERMEDIATE x activations, unless W itself is larger
+    cap = max(contract.CORE_PATH_MAX_INTERMEDIATE * activations, uncached.dense.largest_intermediate)
+    fits = uncached.cores.largest_intermediate <= cap
     heavy = max(uncached.cores.flops, uncached.dense.flops)
     skip_cores = not all_paths and not fits and uncached.cores.largest_intermediate > SKIP_INTERMEDIATE
     skip_both = not all_paths and heavy > HEAVY_FLOPS and uncached.dense.flops <= 1.001 * uncached.cores.flops
@@ -390,12 +392,16 @@ def best_penalty(ds: Sequence[Decision]) -> tuple[float, float, float]:
     return min(winners), (above[0] if above else math.inf), best
 
 
+def penalty_for(d: Decision) -> float:
+    return contract.core_path_penalty(d.batch)
+
+
 def decision_summary(ds: Sequence[Decision], title: str) -> list[str]:
-    wrong = [d for d in ds if d.picks_cores(contract.core_path_penalty(d.batch)) != d.cores_faster]
+    wrong = [d for d in ds if d.picks_cores(penalty_for(d)) != d.cores_faster]
     right = len(ds) - len(wrong)
     lines = [f"{title}: the model (penalty by batch) picked the faster path in {right}/{len(ds)} rows"]
     for d in wrong:
-        picked = "cores" if d.picks_cores(contract.core_path_penalty(d.batch)) else "dense"
+        picked = "cores" if d.picks_cores(penalty_for(d)) else "dense"
         lines.append(
             f"    wrong: {d.where}: picked {picked}; FLOP ratio {d.flop_ratio:.2f}, core path "
             f"{d.time_ratio:.2f}x as fast (break-even penalty {d.break_even_penalty:.2f})"
@@ -409,7 +415,7 @@ def decision_summary(ds: Sequence[Decision], title: str) -> list[str]:
             + (f", from FLOP ratio {min(d.flop_ratio for d in wins):.2f}" if wins else "")
         )
     lo, hi, regret = best_penalty(ds)
-    now = sum(d.regret(contract.core_path_penalty(d.batch)) for d in ds)
+    now = sum(d.regret(penalty_for(d)) for d in ds)
     no_cap = sum(d.regret(lo, memory_cap=False) for d in ds)
     lines.append(
         f"    best single CORE_PATH_PENALTY: [{lo:.2f}, {hi:.2f}) -> summed relative slowdown {regret:.2f} "
