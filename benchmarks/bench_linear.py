@@ -161,6 +161,7 @@ class Decision:
     fits: bool
     t_cores: float
     t_other: float
+    cached: bool = True
 
     @property
     def flop_ratio(self) -> float:
@@ -375,6 +376,7 @@ def decisions(rows: Sequence[Row], *, cached: bool) -> list[Decision]:
             fits=r.cores_fit,
             t_cores=r.forced_cores.median,
             t_other=r.linear_eval_s if cached else r.forced_dense.median,
+            cached=cached,
         )
         for r in rows
         if r.forced_cores is not None and r.forced_dense is not None
@@ -393,7 +395,7 @@ def best_penalty(ds: Sequence[Decision]) -> tuple[float, float, float]:
 
 
 def penalty_for(d: Decision) -> float:
-    return contract.core_path_penalty(d.batch)
+    return contract.core_path_penalty(d.batch, weight_cached=d.cached)
 
 
 def decision_summary(ds: Sequence[Decision], title: str) -> list[str]:
@@ -572,7 +574,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(table_a_c(rows))
     print(
         "\n(b) forced core path vs forced dense path (no_grad, weight not cached) against path_costs "
-        f"(penalty {contract.CORE_PATH_PENALTY:g} * (B/32)^{contract.CORE_PATH_PENALTY_GROWTH:g}, "
+        f"(penalty {contract.CORE_PATH_PENALTY:g} * (B/32)^{contract.CORE_PATH_PENALTY_GROWTH:g} with a cached weight, "
+        f"min of that and {contract.UNCACHED_CORE_PATH_PENALTY:g} * "
+        f"(B/32)^{contract.UNCACHED_CORE_PATH_PENALTY_GROWTH:g} without; "
         f"CORE_PATH_MAX_INTERMEDIATE={contract.CORE_PATH_MAX_INTERMEDIATE:g})"
     )
     print(

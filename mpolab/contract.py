@@ -48,6 +48,14 @@ Path = Literal["cores", "dense"]
 #: (see :func:`core_path_penalty`): a core path needs that many times fewer FLOPs to win.
 CORE_PATH_PENALTY = 3.0
 CORE_PATH_PENALTY_GROWTH = 0.25
+#: Without a cached weight (training, or ``cache_weight=False``) the dense path first rebuilds
+#: ``W`` through its own chain of small contractions, so at small batches the core path wins even
+#: at equal FLOPs: break-even penalty median 0.72 at 32 rows in ``benchmarks/bench_linear.py``
+#: (part b). The uncached penalty is ``UNCACHED_CORE_PATH_PENALTY * (batch / 32) ** 0.9``, capped
+#: by the cached one, which it meets near 600 rows (at 1024 rows a lower penalty sent rank-4
+#: training steps to a core path 1.5x slower than the rebuild).
+UNCACHED_CORE_PATH_PENALTY = 0.75
+UNCACHED_CORE_PATH_PENALTY_GROWTH = 0.9
 #: The core path is refused when its largest intermediate exceeds this many times the larger of
 #: the input and output activations, unless the dense path's own intermediate (``W``) is larger.
 CORE_PATH_MAX_INTERMEDIATE = 4.0
@@ -159,13 +167,21 @@ def path_costs(shapes: CoreShapes, batch: int, *, weight_cached: bool = False) -
     cores = _apply_cost(shapes, batch_class)
     activations = batch_class * max(rows, cols)
     memory_cap = max(CORE_PATH_MAX_INTERMEDIATE * activations, dense.largest_intermediate)
-    cores_ok = cores.flops * core_path_penalty(batch) < dense.flops and cores.largest_intermediate <= memory_cap
+    penalty = core_path_penalty(batch, weight_cached=weight_cached)
+    cores_ok = cores.flops * penalty < dense.flops and cores.largest_intermediate <= memory_cap
     return PathCosts(cores, dense, "cores" if cores_ok else "dense")
 
 
-def core_path_penalty(batch: int) -> float:
-    """How many times fewer FLOPs the core path needs than the dense path to be chosen, for ``batch`` rows."""
-    return CORE_PATH_PENALTY * max(1.0, batch / 32) ** CORE_PATH_PENALTY_GROWTH
+def core_path_penalty(batch: int, *, weight_cached: bool = True) -> float:
+    """How many times fewer FLOPs the core path needs than the dense path to be chosen, for ``batch`` rows.
+
+    ``weight_cached``: whether the dense path has ``W`` already (eval with the cache) or must rebuild it.
+    """
+    scale = max(1.0, batch / 32)
+    cached = CORE_PATH_PENALTY * scale**CORE_PATH_PENALTY_GROWTH
+    if weight_cached:
+        return cached
+    return min(cached, UNCACHED_CORE_PATH_PENALTY * scale**UNCACHED_CORE_PATH_PENALTY_GROWTH)
 
 
 def choose_path(shapes: CoreShapes, batch: int, *, weight_cached: bool = False) -> Path:

@@ -88,3 +88,17 @@ def test_contract_expressions_are_cached():
         apply_mpo(torch.randn(batch, 60, dtype=torch.float64), mpo.cores, 24, 60, path="cores")
     info = contract._apply_expression.cache_info()
     assert info.misses == 1 and info.hits == 3
+
+
+def test_uncached_penalty_favours_the_core_path_at_small_batches_only():
+    from mpolab import contract
+
+    assert contract.core_path_penalty(32, weight_cached=False) == pytest.approx(0.75)
+    assert contract.core_path_penalty(32) == pytest.approx(3.0)
+    for batch in (1024, 8192):
+        assert contract.core_path_penalty(batch, weight_cached=False) == contract.core_path_penalty(batch)
+    mpo = decompose(torch.randn(3072, 768), max_rank=8)
+    shapes = contract.core_shapes(mpo.cores)
+    # training (no cached weight) at 32 rows: the rebuild is not worth it; eval with the cache: one GEMM
+    assert contract.path_costs(shapes, 32, weight_cached=False).chosen == "cores"
+    assert contract.path_costs(shapes, 32, weight_cached=True).chosen == "dense"

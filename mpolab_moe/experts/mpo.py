@@ -325,7 +325,8 @@ def _path_costs(
     flops = merge + 2 * sum(o * k for o, k in steps)
     cores = ContractionCost(flops, max(o for o, _ in steps))
     memory_cap = max(contract.CORE_PATH_MAX_INTERMEDIATE * N * max(rows, cols), dense.largest_intermediate)
-    ok = cores.flops * contract.core_path_penalty(num_tokens) < dense.flops and cores.largest_intermediate <= memory_cap
+    penalty = contract.core_path_penalty(num_tokens, weight_cached=cached)
+    ok = cores.flops * penalty < dense.flops and cores.largest_intermediate <= memory_cap
     return PathCosts(cores, dense, "cores" if ok else "dense")
 
 
