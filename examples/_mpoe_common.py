@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mpolab_moe import GradientMask, aux_loss, moe_layers
+from mpolab_moe import GradientMask, aux_loss, moe_layers, moefy
 
 NUMBERS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -208,3 +209,38 @@ def train_with_hf_trainer(
     print(f"Trainer: logged losses {[round(v, 3) for v in history]}; masked steps {mask.num_masked}/{mask.num_steps}")
     print(routing_summary(model))
     return TrainResult(history[0], history[-1], time.perf_counter() - start, mask.num_masked, mask.num_steps)
+
+
+Encode = Callable[[list[tuple[str, str]], object], dict[str, torch.Tensor]]
+Evaluate = Callable[[nn.Module, list[tuple[str, str]], object], float]
+
+
+def run_example(
+    args: argparse.Namespace, model: nn.Module, tok: object, layers: list[int], encode: Encode, evaluate: Evaluate
+) -> dict[str, float]:
+    """Both examples' flow: MPOE-upcycle ``layers``, train (plain loop or Trainer), report before/after."""
+    report = moefy(
+        model, layers=layers, num_experts=args.num_experts, experts="mpo", gate="top1", max_rank=args.max_rank
+    )
+    print(report)
+    train_pairs, test_pairs = arithmetic_pairs(4000, seed=args.seed), arithmetic_pairs(200, seed=args.seed + 1)
+    print(f"before training: held-out accuracy {evaluate(model, test_pairs, tok):.2f}")
+    options = {"steps": args.steps, "lr": args.lr, "aux_weight": args.aux_weight, "p_b": args.p_b, "seed": args.seed}
+    if args.trainer:
+        batch = encode(train_pairs, tok)  # one padded width for all, so the default collator can stack
+        examples = [{k: v[i] for k, v in batch.items()} for i in range(len(train_pairs))]
+        with tempfile.TemporaryDirectory() as out:
+            result = train_with_hf_trainer(model, examples, batch_size=args.batch_size, output_dir=out, **options)
+    else:
+
+        def batches(step: int) -> dict[str, torch.Tensor]:
+            start = (step * args.batch_size) % (len(train_pairs) - args.batch_size)
+            return encode(train_pairs[start : start + args.batch_size], tok)
+
+        result = train(model, batches, **options)
+    accuracy = evaluate(model, test_pairs, tok)
+    print(
+        f"task loss {result.first_loss:.3f} -> {result.last_loss:.3f} in {result.seconds:.0f} s "
+        f"({result.masked_steps}/{result.steps} steps masked); held-out accuracy {accuracy:.2f}"
+    )
+    return {"first_loss": result.first_loss, "last_loss": result.last_loss, "accuracy": accuracy}

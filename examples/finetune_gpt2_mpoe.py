@@ -14,7 +14,6 @@ routing balance and the held-out accuracy of greedy answers.
 from __future__ import annotations
 
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,14 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mpoe_common import (  # noqa: E402
     HFTokenizer,
     WordTokenizer,
-    arithmetic_pairs,
     make_parser,
     pad,
-    train,
-    train_with_hf_trainer,
+    run_example,
 )
 
-from mpolab_moe import find_ffns, moefy  # noqa: E402
+from mpolab_moe import find_ffns  # noqa: E402
 
 
 def build_model(path: str | None, vocab_size: int) -> torch.nn.Module:
@@ -90,36 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tok = HFTokenizer(args.model) if args.model else WordTokenizer()
     model = build_model(args.model, len(tok))
     n = len(find_ffns(model))
-    report = moefy(
-        model, layers=[n - 2, n - 1], num_experts=args.num_experts, experts="mpo", gate="top1", max_rank=args.max_rank
-    )
-    print(report)
-
-    train_pairs, test_pairs = arithmetic_pairs(4000, seed=args.seed), arithmetic_pairs(200, seed=args.seed + 1)
-    print(f"before training: held-out accuracy {accuracy(model, test_pairs, tok):.2f}")
-    if args.trainer:
-        batch = encode(train_pairs, tok)  # one padded width for all, so the default collator can stack
-        examples = [{k: v[i] for k, v in batch.items()} for i in range(len(train_pairs))]
-        with tempfile.TemporaryDirectory() as out:
-            result = train_with_hf_trainer(
-                model, examples, steps=args.steps, lr=args.lr, aux_weight=args.aux_weight, p_b=args.p_b,
-                seed=args.seed, batch_size=args.batch_size, output_dir=out,
-            )  # fmt: skip
-    else:
-
-        def batches(step: int) -> dict[str, torch.Tensor]:
-            start = (step * args.batch_size) % (len(train_pairs) - args.batch_size)
-            return encode(train_pairs[start : start + args.batch_size], tok)
-
-        result = train(
-            model, batches, steps=args.steps, lr=args.lr, aux_weight=args.aux_weight, p_b=args.p_b, seed=args.seed
-        )
-    acc = accuracy(model, test_pairs, tok)
-    print(
-        f"task loss {result.first_loss:.3f} -> {result.last_loss:.3f} in {result.seconds:.0f} s "
-        f"({result.masked_steps}/{result.steps} steps masked); held-out accuracy {acc:.2f}"
-    )
-    return {"first_loss": result.first_loss, "last_loss": result.last_loss, "accuracy": acc}
+    return run_example(args, model, tok, [n - 2, n - 1], encode, accuracy)  # the last two MLPs
 
 
 if __name__ == "__main__":

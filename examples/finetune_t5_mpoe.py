@@ -14,7 +14,6 @@ optimizer. Prints the loss, the routing balance and the held-out exact-match acc
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,14 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mpoe_common import (  # noqa: E402
     HFTokenizer,
     WordTokenizer,
-    arithmetic_pairs,
     make_parser,
     pad,
-    train,
-    train_with_hf_trainer,
+    run_example,
 )
 
-from mpolab_moe import find_ffns, moefy  # noqa: E402
+from mpolab_moe import find_ffns  # noqa: E402
 
 
 def build_model(path: str | None, vocab_size: int) -> torch.nn.Module:
@@ -76,40 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = build_model(args.model, len(tok))
     n = len(find_ffns(model))
     layers = [n // 2 - 1, n - 1]  # the last encoder FFN and the last decoder FFN
-    report = moefy(
-        model, layers=layers, num_experts=args.num_experts, experts="mpo", gate="top1", max_rank=args.max_rank
-    )
-    print(report)
-
-    train_pairs, test_pairs = arithmetic_pairs(4000, seed=args.seed), arithmetic_pairs(200, seed=args.seed + 1)
-    print(f"before training: held-out exact match {exact_match(model, test_pairs, tok):.2f}")
-    if args.trainer:
-        examples = [{k: v[0] for k, v in encode([p], tok).items()} for p in train_pairs]
-        width = max(len(e["input_ids"]) for e in examples), max(len(e["labels"]) for e in examples)
-        for e in examples:  # fixed widths, so the default collator can stack them
-            e["input_ids"] = torch.nn.functional.pad(e["input_ids"], (0, width[0] - len(e["input_ids"])))
-            e["attention_mask"] = torch.nn.functional.pad(e["attention_mask"], (0, width[0] - len(e["attention_mask"])))
-            e["labels"] = torch.nn.functional.pad(e["labels"], (0, width[1] - len(e["labels"])), value=-100)
-        with tempfile.TemporaryDirectory() as out:
-            result = train_with_hf_trainer(
-                model, examples, steps=args.steps, lr=args.lr, aux_weight=args.aux_weight, p_b=args.p_b,
-                seed=args.seed, batch_size=args.batch_size, output_dir=out,
-            )  # fmt: skip
-    else:
-
-        def batches(step: int) -> dict[str, torch.Tensor]:
-            start = (step * args.batch_size) % (len(train_pairs) - args.batch_size)
-            return encode(train_pairs[start : start + args.batch_size], tok)
-
-        result = train(
-            model, batches, steps=args.steps, lr=args.lr, aux_weight=args.aux_weight, p_b=args.p_b, seed=args.seed
-        )
-    accuracy = exact_match(model, test_pairs, tok)
-    print(
-        f"task loss {result.first_loss:.3f} -> {result.last_loss:.3f} in {result.seconds:.0f} s "
-        f"({result.masked_steps}/{result.steps} steps masked); held-out exact match {accuracy:.2f}"
-    )
-    return {"first_loss": result.first_loss, "last_loss": result.last_loss, "accuracy": accuracy}
+    return run_example(args, model, tok, layers, encode, exact_match)
 
 
 if __name__ == "__main__":

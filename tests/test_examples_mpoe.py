@@ -20,7 +20,7 @@ from mpolab_moe import GradientMask, moe_layers, moefy  # noqa: E402
 def test_example_trains_and_the_loss_goes_down(example, capsys):
     result = example.main(["--steps", "25", "--batch-size", "8"])
     out = capsys.readouterr().out
-    assert "upcycle  mpo" in out and "masked steps" in out and "load imbalance" in out
+    assert "upcycle  mpo" in out and "masked steps" in out and "load imbalance" in out and "held-out accuracy" in out
     assert result["last_loss"] < 0.8 * result["first_loss"]
     assert 0.0 <= result["accuracy"] <= 1.0
 
