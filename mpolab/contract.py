@@ -152,6 +152,7 @@ class PathCosts:
     chosen: Path
 
 
+@functools.lru_cache(maxsize=4096)  # pure in its arguments; the forward calls it every time
 def path_costs(shapes: CoreShapes, batch: int, *, weight_cached: bool = False) -> PathCosts:
     """FLOPs and memory of the core path and the dense path for a batch of ``batch`` rows.
 
