@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .tables import text_table
+
 __all__ = ["main"]
 
 
@@ -182,9 +184,7 @@ def _inspect(args: argparse.Namespace) -> int:
                 f"{k90} / {k99} of {mpo.ranks[widest]}",
             ]
         )
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    for r in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip())
+    print("\n".join(text_table(header, rows)))
     print(
         f"{len(rows)} MPO layers, {total:,} MPO parameters for {dense_total:,} dense "
         f"({100 * total / max(dense_total, 1):.1f}%)"

@@ -29,6 +29,7 @@ from torch import nn
 from .decompose import decompose
 from .mpo import MPO
 from .nn import MPOEmbedding, MPOLinear, MPOModule
+from .tables import text_table
 from .truncation import SVDBackend, bond_caps, feasible_ranks, full_bond_dims, num_params_for_ranks, squared_norm
 
 __all__ = [
@@ -239,9 +240,7 @@ class CompressionReport:
             ]
             for r in self.layers
         ]
-        widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [header, *rows]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = text_table(header, rows)
         lines.append(
             f"targets: {self.params_before:,} -> {self.params_after:,} parameters ({self.ratio:.1%}), "
             f"mean relative error {self.mean_rel_error:.4f}; "

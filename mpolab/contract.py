@@ -31,6 +31,7 @@ __all__ = [
     "PathCosts",
     "apply_mpo",
     "choose_path",
+    "compare_paths",
     "core_path_penalty",
     "core_shapes",
     "merge_cores",
@@ -166,7 +167,16 @@ def path_costs(shapes: CoreShapes, batch: int, *, weight_cached: bool = False) -
     merge = ContractionCost(0, 0) if weight_cached else _merge_cost(shapes)
     dense = ContractionCost(merge.flops + gemm, max(merge.largest_intermediate, rows * cols))
     cores = _apply_cost(shapes, batch_class)
-    activations = batch_class * max(rows, cols)
+    return compare_paths(cores, dense, batch, batch_class * max(rows, cols), weight_cached=weight_cached)
+
+
+def compare_paths(
+    cores: ContractionCost, dense: ContractionCost, batch: int, activations: int, *, weight_cached: bool
+) -> PathCosts:
+    """The decision rule shared by every MPO-shaped operator: pick ``"cores"`` only when its FLOPs
+    times :func:`core_path_penalty` beat the dense path's and its largest intermediate stays within
+    :data:`CORE_PATH_MAX_INTERMEDIATE` times ``activations`` (or below the dense path's own).
+    """
     memory_cap = max(CORE_PATH_MAX_INTERMEDIATE * activations, dense.largest_intermediate)
     penalty = core_path_penalty(batch, weight_cached=weight_cached)
     cores_ok = cores.flops * penalty < dense.flops and cores.largest_intermediate <= memory_cap

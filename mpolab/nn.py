@@ -17,7 +17,7 @@ rebuilds ``W`` once or contracts the activations through the cores, whichever
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,34 @@ from .decompose import decompose
 from .mpo import MPO
 from .shapes import plan_factors
 
-__all__ = ["MPOEmbedding", "MPOLinear", "MPOModule"]
+__all__ = ["MPOEmbedding", "MPOLinear", "MPOModule", "VersionedCache"]
+
+
+class VersionedCache:
+    """A tensor derived from some parameters, kept until one of them changes.
+
+    The key is each parameter's storage, version counter, dtype and device, so in-place updates
+    (optimizer steps, ``.to()``) invalidate it; writes through ``.data`` do not (call
+    :meth:`clear`). Not carried by pickling or ``copy.deepcopy``.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple[Any, ...], torch.Tensor] | None = None
+
+    def get(self, params: Sequence[torch.Tensor], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The cached tensor, rebuilt with ``build()`` (without autograd) when ``params`` changed."""
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._entry is None or self._entry[0] != key:
+            # A normal tensor even under inference_mode, so later autograd forwards can use it.
+            with torch.inference_mode(False), torch.no_grad():
+                self._entry = (key, build())
+        return self._entry[1]
+
+    def clear(self) -> None:
+        self._entry = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_entry": None}
 
 
 class MPOModule(nn.Module):
@@ -47,7 +74,7 @@ class MPOModule(nn.Module):
         self.out_features, self.in_features = mpo.shape
         self.cores = nn.ParameterList(nn.Parameter(c.detach().clone()) for c in mpo.cores)
         self.cache_weight = cache_weight
-        self._cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._cache: VersionedCache | None = None  # created on the first cached rebuild
 
     # ------------------------------------------------------------------ structure
     @property
@@ -124,9 +151,6 @@ class MPOModule(nn.Module):
     def _needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(c.requires_grad for c in self.cores)
 
-    def _cache_key(self) -> tuple[Any, ...]:
-        return tuple((c.data_ptr(), c._version, c.dtype, c.device) for c in self.cores)
-
     def _rebuild(self) -> torch.Tensor:
         return contract.merge_cores(list(self.cores))[0, : self.out_features, : self.in_features, 0]
 
@@ -137,12 +161,9 @@ class MPOModule(nn.Module):
         """
         if self._needs_grad() or not self.cache_weight:
             return self._rebuild()
-        key = self._cache_key()
-        if self._cache is None or self._cache[0] != key:
-            # A normal tensor even under inference_mode, so later autograd forwards can use it.
-            with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, self._rebuild())
-        return self._cache[1]
+        if self._cache is None:
+            self._cache = VersionedCache()
+        return self._cache.get(list(self.cores), self._rebuild)
 
     def _cached_weight_or_none(self) -> torch.Tensor | None:
         if self.cache_weight and not self._needs_grad():
@@ -156,11 +177,6 @@ class MPOModule(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> MPOModule:  # .to(), .cuda(), .half()
         self._cache = None
         return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_cache"] = None
-        return state
 
     def _mpo_repr(self) -> str:
         dense = self.out_features * self.in_features

@@ -32,6 +32,8 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from mpolab.tables import text_table
+
 from .activations import ACTIVATIONS
 from .experts.dense import DenseExperts
 from .experts.mpo import MPOExperts
@@ -695,9 +697,7 @@ class MoefyReport:
             ]
             for r in self.layers
         ]
-        widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [header, *rows]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = text_table(header, rows)
         lines.append(
             f"{len(self.layers)} FFNs: {self.params_before:,} -> {self.params_after:,} parameters; "
             f"model: {self.model_params_before:,} -> {self.model_params_after:,}; "

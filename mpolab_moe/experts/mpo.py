@@ -31,11 +31,11 @@ from torch import Tensor, nn
 import mpolab
 from mpolab import contract
 from mpolab.contract import ContractionCost, PathCosts
-from mpolab.nn import _init_cores_, _random_mpo
+from mpolab.nn import VersionedCache, _init_cores_, _random_mpo
 from mpolab.shapes import plan_factors
 from mpolab.truncation import bond_caps, num_params_for_ranks
 
-from ..activations import get_activation
+from ..activations import ACTIVATIONS, get_activation
 from .base import ExpertBank, check_ffn_weights, expand_per_row, grouped_matmul
 from .dense import DenseExperts
 
@@ -107,7 +107,7 @@ class SharedCentralMPO(nn.Module):
         stack = lambda core: nn.Parameter(core.detach().unsqueeze(0).repeat(num_experts, 1, 1, 1, 1))  # noqa: E731
         self.left = nn.ParameterList(stack(core) for core in mpo.cores[:c])
         self.right = nn.ParameterList(stack(core) for core in mpo.cores[c + 1 :])
-        self._cache: tuple[tuple[Any, ...], Tensor] | None = None
+        self._cache = VersionedCache()
 
     # ------------------------------------------------------------------ structure
     @property
@@ -167,17 +167,13 @@ class SharedCentralMPO(nn.Module):
         """
         if self._needs_grad():
             return self._rebuild()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.stacked_cores())
-        if self._cache is None or self._cache[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, self._rebuild())
-        return self._cache[1]
+        return self._cache.get(self.stacked_cores(), self._rebuild)
 
     def clear_cache(self) -> None:
-        self._cache = None
+        self._cache.clear()
 
     def _apply(self, fn: Any, recurse: bool = True) -> SharedCentralMPO:  # .to(), .half(), ...
-        self._cache = None
+        self._cache.clear()
         return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ through the cores ("cores" path)
@@ -324,10 +320,7 @@ def _path_costs(
     _, steps = _core_path_plan(shapes, central, num_tokens)
     flops = merge + 2 * sum(o * k for o, k in steps)
     cores = ContractionCost(flops, max(o for o, _ in steps))
-    memory_cap = max(contract.CORE_PATH_MAX_INTERMEDIATE * N * max(rows, cols), dense.largest_intermediate)
-    penalty = contract.core_path_penalty(num_tokens, weight_cached=cached)
-    ok = cores.flops * penalty < dense.flops and cores.largest_intermediate <= memory_cap
-    return PathCosts(cores, dense, "cores" if ok else "dense")
+    return contract.compare_paths(cores, dense, num_tokens, N * max(rows, cols), weight_cached=cached)
 
 
 # ---------------------------------------------------------------------------------------- the bank
@@ -521,9 +514,7 @@ class MPOExperts(ExpertBank):
             self.in_features,
             self.d_ff,
             self.num_experts,
-            activation=self.act
-            if not isinstance(self.activation_name, str) or self.activation_name == "custom"
-            else self.activation_name,
+            activation=self.activation_name if self.activation_name in ACTIVATIONS else self.act,
             gated=self.gated,
             bias=self.b1 is not None,
             d_out=self.out_features,
