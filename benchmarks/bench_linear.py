@@ -204,7 +204,7 @@ def prebuild_expressions(cores: Sequence[torch.Tensor], batch: int) -> None:
     """Build (and cache) the opt_einsum expressions a call with ``batch`` rows will use."""
     shapes = contract.core_shapes(cores)
     contract._merge_expression(shapes)
-    contract._apply_expression(shapes, contract._batch_class(batch))
+    contract._apply_expression(shapes, contract.batch_class(batch))
 
 
 def timed(*fns: Callable[[], Any], flops: float) -> Any:
@@ -275,7 +275,7 @@ def bench_mpo(
     uncached = contract.path_costs(shapes, batch, weight_cached=False)
     out_f, in_f = layer.out_features, layer.in_features
     gemm = 2.0 * batch * in_f * out_f
-    activations = contract._batch_class(batch) * max(math.prod(layer.out_factors), math.prod(layer.in_factors))
+    activations = contract.batch_class(batch) * max(math.prod(layer.out_factors), math.prod(layer.in_factors))
     # the library's cap: CORE_PATH_MAX_INTERMEDIATE x activations, unless W itself is larger
     cap = max(contract.CORE_PATH_MAX_INTERMEDIATE * activations, uncached.dense.largest_intermediate)
     fits = uncached.cores.largest_intermediate <= cap

@@ -15,7 +15,8 @@ from .decompose import decompose
 from .heal import HealReport, fidelity, heal
 from .io import load, save
 from .mpo import MPO
-from .nn import MPOEmbedding, MPOLinear, MPOModule
+from .nn import HasCentralTensor, MPOEmbedding, MPOLinear, MPOModule
+from .options import TruncationOptions
 from .shapes import factorize, plan_factors
 from .training import DimensionSqueezer, param_groups, set_trainable, squeeze
 
@@ -24,11 +25,13 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressionReport",
     "DimensionSqueezer",
+    "HasCentralTensor",
     "HealReport",
     "MPO",
     "MPOEmbedding",
     "MPOLinear",
     "MPOModule",
+    "TruncationOptions",
     "compress",
     "contract",
     "decompose",

@@ -29,7 +29,7 @@ from torch import nn
 from .decompose import decompose
 from .mpo import MPO
 from .nn import MPOEmbedding, MPOLinear, MPOModule
-from .tables import text_table
+from .tables import TableReport
 from .truncation import SVDBackend, bond_caps, feasible_ranks, full_bond_dims, num_params_for_ranks, squared_norm
 
 __all__ = [
@@ -193,7 +193,7 @@ class LayerReport:
 
 
 @dataclass
-class CompressionReport:
+class CompressionReport(TableReport):
     """What :func:`compress` did: one row per layer plus totals. ``print(report)`` shows a table."""
 
     layers: list[LayerReport] = field(default_factory=list)
@@ -226,9 +226,11 @@ class CompressionReport:
             "model_params_after": self.model_params_after,
         }
 
-    def __str__(self) -> str:
-        header = ["layer", "kind", "shape", "ranks", "params", "kept", "rel. error"]
-        rows = [
+    def header(self) -> list[str]:
+        return ["layer", "kind", "shape", "ranks", "params", "kept", "rel. error"]
+
+    def rows(self) -> list[list[str]]:
+        return [
             [
                 r.name,
                 r.kind,
@@ -240,13 +242,13 @@ class CompressionReport:
             ]
             for r in self.layers
         ]
-        lines = text_table(header, rows)
-        lines.append(
+
+    def summary(self) -> list[str]:
+        return [
             f"targets: {self.params_before:,} -> {self.params_after:,} parameters ({self.ratio:.1%}), "
             f"mean relative error {self.mean_rel_error:.4f}; "
             f"model: {self.model_params_before:,} -> {self.model_params_after:,}"
-        )
-        return "\n".join(lines)
+        ]
 
 
 # ---------------------------------------------------------------------------- global allocation

@@ -30,10 +30,13 @@ __all__ = [
     "ContractionCost",
     "PathCosts",
     "apply_mpo",
+    "batch_class",
     "choose_path",
     "compare_paths",
     "core_path_penalty",
     "core_shapes",
+    "core_terms",
+    "einsum_symbols",
     "merge_cores",
     "path_costs",
 ]
@@ -70,34 +73,74 @@ class ContractionCost:
     largest_intermediate: int
 
 
-def _symbols(n: int) -> tuple[list[str], list[str], list[str]]:
-    """Bond, row and column index letters for ``n`` cores (``n + 1`` bonds)."""
+def einsum_symbols(num_cores: int) -> tuple[list[str], list[str], list[str], str]:
+    """Index letters for einsum equations over ``num_cores`` cores.
+
+    Returns:
+        ``(bonds, rows, cols, extra)``: ``num_cores + 1`` bond letters, ``num_cores`` row letters,
+        ``num_cores`` column letters, and one more letter (``opt_einsum.get_symbol(3n + 1)``) that
+        is free for a batch index (:func:`apply_mpo`) or an expert index (stacked cores).
+
+    Example:
+        >>> bonds, rows, cols, extra = einsum_symbols(2)
+        >>> len(bonds), len(rows), len(cols), extra not in bonds + rows + cols
+        (3, 2, 2, True)
+    """
     sym = opt_einsum.get_symbol
+    n = num_cores
     bonds = [sym(k) for k in range(n + 1)]
     rows = [sym(n + 1 + k) for k in range(n)]
     cols = [sym(2 * n + 1 + k) for k in range(n)]
-    return bonds, rows, cols
+    return bonds, rows, cols, sym(3 * n + 1)
 
 
-def _core_terms(n: int) -> str:
-    bonds, rows, cols = _symbols(n)
-    return ",".join(bonds[k] + rows[k] + cols[k] + bonds[k + 1] for k in range(n))
+def core_terms(num_cores: int, stacked: Sequence[bool] | None = None, first: int = 0) -> list[str]:
+    """One einsum term per core: ``bond_k row_k col_k bond_{k+1}``.
+
+    Args:
+        num_cores: cores of the whole MPO (fixes the letters, see :func:`einsum_symbols`).
+        stacked: per core of the run, whether it carries a leading extra (expert) index
+            ``[E, r_{k-1}, i_k, j_k, r_k]``; ``None``: every core, none stacked.
+        first: index of the first core of the run; the run is cores
+            ``first … first + len(stacked) - 1``.
+
+    Example:
+        >>> core_terms(2)
+        ['adfb', 'begc']
+        >>> core_terms(3, stacked=[True, False], first=1)   # expert letter 'k' on core 1
+        ['kbfic', 'cgjd']
+    """
+    bonds, rows, cols, extra = einsum_symbols(num_cores)
+    flags = [False] * num_cores if stacked is None else list(stacked)
+    if first < 0 or first + len(flags) > num_cores:
+        raise ValueError(f"cores {first}..{first + len(flags) - 1} are not all among the {num_cores} cores")
+    return [
+        (extra if flag else "") + bonds[k] + rows[k] + cols[k] + bonds[k + 1]
+        for k, flag in zip(range(first, first + len(flags)), flags)
+    ]
 
 
 def _merge_equation(n: int) -> str:
-    bonds, rows, cols = _symbols(n)
-    return f"{_core_terms(n)}->{bonds[0]}{''.join(rows)}{''.join(cols)}{bonds[n]}"
+    bonds, rows, cols, _ = einsum_symbols(n)
+    return f"{','.join(core_terms(n))}->{bonds[0]}{''.join(rows)}{''.join(cols)}{bonds[n]}"
 
 
 def _apply_equation(n: int) -> str:
-    bonds, rows, cols = _symbols(n)
-    batch = opt_einsum.get_symbol(3 * n + 1)
-    return f"{batch}{''.join(cols)},{_core_terms(n)}->{batch}{''.join(rows)}"
+    _, rows, cols, batch = einsum_symbols(n)
+    return f"{batch}{''.join(cols)},{','.join(core_terms(n))}->{batch}{''.join(rows)}"
 
 
-def _batch_class(batch: int) -> int:
-    """Round a batch size up to a power of two: one cached path per class, not per size."""
+def batch_class(batch: int) -> int:
+    """Round a batch size up to a power of two: one cached path per class, not per size.
+
+    Example:
+        >>> batch_class(33)
+        64
+    """
     return 1 << max(0, math.ceil(math.log2(max(batch, 1))))
+
+
+_batch_class = batch_class  # deprecated alias, removed once mpolab_moe uses batch_class
 
 
 @functools.lru_cache(maxsize=512)
@@ -106,8 +149,8 @@ def _merge_expression(shapes: CoreShapes) -> opt_einsum.contract.ContractExpress
 
 
 @functools.lru_cache(maxsize=512)
-def _apply_expression(shapes: CoreShapes, batch_class: int) -> opt_einsum.contract.ContractExpression:
-    x_shape = (batch_class, *(s[2] for s in shapes))
+def _apply_expression(shapes: CoreShapes, rows_class: int) -> opt_einsum.contract.ContractExpression:
+    x_shape = (rows_class, *(s[2] for s in shapes))
     return opt_einsum.contract_expression(_apply_equation(len(shapes)), x_shape, *shapes, optimize="auto-hq")
 
 
@@ -118,8 +161,8 @@ def _merge_cost(shapes: CoreShapes) -> ContractionCost:
 
 
 @functools.lru_cache(maxsize=512)
-def _apply_cost(shapes: CoreShapes, batch_class: int) -> ContractionCost:
-    x_shape = (batch_class, *(s[2] for s in shapes))
+def _apply_cost(shapes: CoreShapes, rows_class: int) -> ContractionCost:
+    x_shape = (rows_class, *(s[2] for s in shapes))
     _, info = opt_einsum.contract_path(_apply_equation(len(shapes)), x_shape, *shapes, shapes=True, optimize="auto-hq")
     return ContractionCost(int(info.opt_cost), int(info.largest_intermediate))
 
@@ -162,12 +205,12 @@ def path_costs(shapes: CoreShapes, batch: int, *, weight_cached: bool = False) -
     """
     rows = math.prod(s[1] for s in shapes)
     cols = math.prod(s[2] for s in shapes)
-    batch_class = _batch_class(batch)
-    gemm = 2 * batch_class * rows * cols
+    rows_class = batch_class(batch)
+    gemm = 2 * rows_class * rows * cols
     merge = ContractionCost(0, 0) if weight_cached else _merge_cost(shapes)
     dense = ContractionCost(merge.flops + gemm, max(merge.largest_intermediate, rows * cols))
-    cores = _apply_cost(shapes, batch_class)
-    return compare_paths(cores, dense, batch, batch_class * max(rows, cols), weight_cached=weight_cached)
+    cores = _apply_cost(shapes, rows_class)
+    return compare_paths(cores, dense, batch, rows_class * max(rows, cols), weight_cached=weight_cached)
 
 
 def compare_paths(
@@ -242,7 +285,7 @@ def apply_mpo(
     if cols != in_features:
         flat = F.pad(flat, (0, cols - in_features))
     flat = flat.reshape(batch, *(s[2] for s in shapes))
-    y = _apply_expression(shapes, _batch_class(batch))(flat, *cores).reshape(batch, -1)[:, :out_features]
+    y = _apply_expression(shapes, batch_class(batch))(flat, *cores).reshape(batch, -1)[:, :out_features]
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, out_features)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from .mpo import MPO, _backend_for, _right_orthonormalize, _work_dtype
 from .shapes import plan_factors
-from .truncation import SVDBackend, bond_caps, check_rel_tol, low_rank_split, squared_norm
+from .options import TruncationOptions
+from .truncation import SVDBackend, bond_caps, low_rank_split, squared_norm
 
 __all__ = ["decompose"]
 
@@ -32,6 +33,7 @@ def decompose(
     W: torch.Tensor,
     num_cores: int | None = None,
     *,
+    options: TruncationOptions | None = None,
     out_factors: Sequence[int] | None = None,
     in_factors: Sequence[int] | None = None,
     max_rank: int | Sequence[int] | None = None,
@@ -44,9 +46,12 @@ def decompose(
     """Decompose ``W: [out, in]`` into an MPO of ``num_cores`` cores.
 
     Without a truncation option the decomposition is exact (full bond dimensions, which hold
-    *more* parameters than ``W``). Options combine: every given limit is respected.
+    *more* parameters than ``W``). Options combine: every given limit is respected. They are
+    given either as keywords or as one :class:`~mpolab.options.TruncationOptions` (``options=``),
+    not both.
 
     Args:
+        options: all the options below as one validated value.
         W: a floating-point matrix ``[out_features, in_features]`` (``nn.Linear.weight`` layout),
             on any device. float16/bfloat16 are decomposed in float32 and returned in their dtype.
         num_cores: number of cores (default 5, or the length of given factor lists).
@@ -77,20 +82,34 @@ def decompose(
         >>> mpo.truncation_error <= 0.05
         True
     """
-    _check_matrix(W)
-    check_rel_tol(rel_tol)
-    out_features, in_features = W.shape
-    num_cores = _cores_from_ranks(num_cores, max_rank, out_factors, in_factors)
-    plan = plan_factors(out_features, in_features, num_cores, out_factors=out_factors, in_factors=in_factors, pad=pad)
-    sizes = [i * j for i, j in zip(plan.out_factors, plan.in_factors)]
-    caps = bond_caps(
-        sizes, max_rank=max_rank, max_params=_resolve_budget(max_params, ratio, out_features * in_features)
+    opts = TruncationOptions.from_kwargs(
+        options,
+        num_cores=num_cores,
+        out_factors=out_factors,
+        in_factors=in_factors,
+        max_rank=max_rank,
+        rel_tol=rel_tol,
+        max_params=max_params,
+        ratio=ratio,
+        svd=svd,
+        pad=pad,
     )
-    if svd == "randomized" and max_rank is None and max_params is None and ratio is None:
-        raise ValueError("svd='randomized' needs a rank cap: pass max_rank, max_params or ratio")
+    _check_matrix(W)
+    out_features, in_features = W.shape
+    plan = plan_factors(
+        out_features,
+        in_features,
+        opts.num_cores_resolved,
+        out_factors=opts.out_factors,
+        in_factors=opts.in_factors,
+        pad=opts.pad,
+    )
+    sizes = [i * j for i, j in zip(plan.out_factors, plan.in_factors)]
+    caps = bond_caps(sizes, max_rank=opts.max_rank, max_params=opts.budget_for(out_features * in_features))
+    rel_tol = opts.rel_tol
 
     work_dtype = _work_dtype(W.dtype)
-    backend, compute_dtype = _backend_for(svd, work_dtype, rel_tol, plan.num_cores)
+    backend, compute_dtype = _backend_for(opts.svd, work_dtype, rel_tol, plan.num_cores)
     with torch.no_grad():
         A = W.detach().to(compute_dtype)
         norm_sq = _norm_sq(A)
@@ -187,30 +206,6 @@ def _sweep(
     for k in range(min(center, len(splits))):
         cores[k] = splits[k].left.reshape(*shapes[k], -1)
     return cores, [s.singular_values for s in splits], discarded
-
-
-def _cores_from_ranks(
-    num_cores: int | None,
-    max_rank: int | Sequence[int] | None,
-    out_factors: Sequence[int] | None,
-    in_factors: Sequence[int] | None,
-) -> int | None:
-    """A per-bond ``max_rank`` list fixes the number of cores when nothing else does."""
-    if num_cores is None and out_factors is None and in_factors is None and isinstance(max_rank, Sequence):
-        return len(max_rank) + 1
-    return num_cores
-
-
-def _resolve_budget(max_params: int | None, ratio: float | None, dense_params: int) -> int | None:
-    if max_params is not None and ratio is not None:
-        raise ValueError(f"give max_params or ratio, not both (got max_params={max_params}, ratio={ratio})")
-    if ratio is None:
-        return max_params
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise TypeError(f"ratio must be a float, got {type(ratio).__name__}")
-    if not ratio > 0:
-        raise ValueError(f"ratio must be > 0 (fraction of the dense parameter count), got {ratio}")
-    return max(1, int(ratio * dense_params))
 
 
 def _check_matrix(W: object) -> None:

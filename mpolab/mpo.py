@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from . import contract
-from .truncation import SVDBackend, bond_caps, check_rel_tol, choose_backend
+from .options import TruncationOptions
+from .truncation import SVDBackend, bond_caps, choose_backend
 
 __all__ = ["MPO"]
 
@@ -197,13 +198,16 @@ class MPO:
         Example:
             >>> small = mpo.truncate(max_rank=32)
         """
-        from .decompose import _resolve_budget, _sweep  # decompose builds on this module
+        from .decompose import _sweep  # decompose builds on this module
 
-        check_rel_tol(rel_tol)
+        # svd is checked by _backend_for: this MPO's ranks already cap a randomized SVD.
+        opts = TruncationOptions(
+            max_rank=max_rank, rel_tol=rel_tol, max_params=max_params, ratio=ratio, num_cores=self.num_cores
+        )
         caps = bond_caps(
             [i * j for i, j in zip(self.out_factors, self.in_factors)],
-            max_rank=max_rank,
-            max_params=_resolve_budget(max_params, ratio, self.out_features * self.in_features),
+            max_rank=opts.max_rank,
+            max_params=opts.budget_for(self.out_features * self.in_features),
         )
         caps = [min(c, r) for c, r in zip(caps, self.ranks)]
         with torch.no_grad():

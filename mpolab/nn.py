@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,38 @@ from torch import nn
 from . import contract
 from .decompose import decompose
 from .mpo import MPO
+from .options import TruncationOptions
 from .shapes import plan_factors
+from .truncation import bond_caps
 
-__all__ = ["MPOEmbedding", "MPOLinear", "MPOModule", "VersionedCache"]
+__all__ = [
+    "HasCentralTensor",
+    "MPOEmbedding",
+    "MPOLinear",
+    "MPOModule",
+    "VersionedCache",
+    "init_cores_",
+    "mpo_modules",
+    "random_mpo",
+]
+
+
+@runtime_checkable
+class HasCentralTensor(Protocol):
+    """A module whose parameters split into central and auxiliary tensors (MPOP's two groups).
+
+    :class:`MPOModule` satisfies it, and so does any module with these two methods (the MPO
+    expert banks of ``mpolab_moe``): :func:`mpolab.set_trainable` and :func:`mpolab.param_groups`
+    work on all of them. ``isinstance(module, HasCentralTensor)`` checks for the two methods.
+    """
+
+    def central_parameters(self) -> Iterator[nn.Parameter]:
+        """The central tensor(s)."""
+        ...
+
+    def auxiliary_parameters(self) -> Iterator[nn.Parameter]:
+        """The auxiliary tensors."""
+        ...
 
 
 class VersionedCache:
@@ -69,11 +98,20 @@ class MPOModule(nn.Module):
     out_features: int
     in_features: int
 
-    def __init__(self, mpo: MPO, *, cache_weight: bool = True) -> None:
+    def __init__(self, mpo: MPO, *, cache_weight: bool = True, original_type: str | None = None) -> None:
+        """Cores copied from ``mpo`` into parameters.
+
+        Args:
+            mpo: the matrix ``[out_features, in_features]``.
+            cache_weight: cache the rebuilt dense weight for no-grad forwards.
+            original_type: class name of the dense layer this one replaced (``"Linear"``,
+                ``"Conv1D"``, ``"Embedding"``), or ``None``; saved by :func:`mpolab.save`.
+        """
         super().__init__()
         self.out_features, self.in_features = mpo.shape
         self.cores = nn.ParameterList(nn.Parameter(c.detach().clone()) for c in mpo.cores)
         self.cache_weight = cache_weight
+        self.original_type = original_type
         self._cache: VersionedCache | None = None  # created on the first cached rebuild
 
     # ------------------------------------------------------------------ structure
@@ -219,52 +257,96 @@ class MPOLinear(MPOModule):
         out_factors: Sequence[int] | None = None,
         bias: bool = True,
         cache_weight: bool = True,
+        mpo: MPO | None = None,
+        original_type: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        mpo = _random_mpo(out_features, in_features, max_rank, num_cores, out_factors, in_factors, device, dtype)
-        super().__init__(mpo, cache_weight=cache_weight)
+        random = mpo is None
+        if mpo is None:
+            mpo = random_mpo(
+                out_features,
+                in_features,
+                max_rank=max_rank,
+                num_cores=num_cores,
+                out_factors=out_factors,
+                in_factors=in_factors,
+                device=device,
+                dtype=dtype,
+            )
+        elif mpo.shape != (out_features, in_features):
+            raise ValueError(
+                f"mpo has shape {list(mpo.shape)} but the layer is [out_features={out_features}, "
+                f"in_features={in_features}]"
+            )
+        super().__init__(mpo, cache_weight=cache_weight, original_type=original_type)
         if bias:
-            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(out_features, device=device, dtype=mpo.dtype))
+            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(out_features, device=mpo.device, dtype=mpo.dtype))
         else:
             self.register_parameter("bias", None)
-        self.reset_parameters()
+        if random:
+            self.reset_parameters()
+        elif self.bias is not None:
+            self._reset_bias()
 
     def reset_parameters(self) -> None:
         """Random cores whose product has ``nn.Linear``'s weight variance ``1 / (3·in_features)``.
 
         The bias is initialised as ``nn.Linear`` does.
         """
-        _init_cores_(self.cores, target_std=1.0 / math.sqrt(3 * self.in_features))
+        init_cores_(self.cores, target_std=1.0 / math.sqrt(3 * self.in_features))
         if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+            self._reset_bias()
         self.clear_cache()
 
+    def _reset_bias(self) -> None:
+        bound = 1 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.bias, -bound, bound)
+
     @classmethod
-    def from_mpo(cls, mpo: MPO, bias: torch.Tensor | None = None, *, cache_weight: bool = True) -> MPOLinear:
-        """Wrap an :class:`MPO` of ``W: [out, in]`` (cores are copied into parameters)."""
-        layer = cls.__new__(cls)
-        MPOModule.__init__(layer, mpo, cache_weight=cache_weight)
+    def from_mpo(
+        cls,
+        mpo: MPO,
+        bias: torch.Tensor | None = None,
+        *,
+        cache_weight: bool = True,
+        original_type: str | None = None,
+    ) -> MPOLinear:
+        """Wrap an :class:`MPO` of ``W: [out, in]`` (cores and ``bias: [out]`` are copied into parameters)."""
+        if bias is not None and bias.shape != (mpo.out_features,):
+            raise ValueError(f"bias must have shape [{mpo.out_features}], got {tuple(bias.shape)}")
+        layer = cls(
+            mpo.in_features,
+            mpo.out_features,
+            mpo=mpo,
+            bias=bias is not None,
+            cache_weight=cache_weight,
+            original_type=original_type,
+        )
         if bias is not None:
-            if bias.shape != (mpo.out_features,):
-                raise ValueError(f"bias must have shape [{mpo.out_features}], got {tuple(bias.shape)}")
             layer.bias = nn.Parameter(bias.detach().clone().to(mpo.device))
-        else:
-            layer.register_parameter("bias", None)
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, cache_weight: bool = True, **decompose_kwargs: Any) -> MPOLinear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        options: TruncationOptions | None = None,
+        cache_weight: bool = True,
+        **decompose_kwargs: Any,
+    ) -> MPOLinear:
         """Decompose a :class:`torch.nn.Linear` (bias kept, same device and dtype).
 
-        ``decompose_kwargs`` go to :func:`mpolab.decompose` (``num_cores``, ``max_rank``,
-        ``rel_tol``, ``max_params``, ``ratio``, factors, ``svd``, ``pad``).
+        The truncation is ``options`` or the ``decompose_kwargs`` of :func:`mpolab.decompose`
+        (``num_cores``, ``max_rank``, ``rel_tol``, ``max_params``, ``ratio``, factors, ``svd``,
+        ``pad``), not both.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        mpo = decompose(linear.weight.detach(), **decompose_kwargs)
-        return cls.from_mpo(mpo, linear.bias, cache_weight=cache_weight)
+        opts = TruncationOptions.from_kwargs(options, **decompose_kwargs)
+        mpo = decompose(linear.weight.detach(), options=opts)
+        return cls.from_mpo(mpo, linear.bias, cache_weight=cache_weight, original_type="Linear")
 
     def to_linear(self) -> nn.Linear:
         """A dense :class:`torch.nn.Linear` with the rebuilt weight (same device and dtype)."""
@@ -330,17 +412,29 @@ class MPOEmbedding(MPOModule):
         num_cores: int | None = None,
         padding_idx: int | None = None,
         cache_weight: bool = True,
+        mpo: MPO | None = None,
+        original_type: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        mpo = _random_mpo(num_embeddings, embedding_dim, max_rank, num_cores, None, None, device, dtype)
-        super().__init__(mpo, cache_weight=cache_weight)
+        random = mpo is None
+        if mpo is None:
+            mpo = random_mpo(
+                num_embeddings, embedding_dim, max_rank=max_rank, num_cores=num_cores, device=device, dtype=dtype
+            )
+        elif mpo.shape != (num_embeddings, embedding_dim):
+            raise ValueError(
+                f"mpo has shape {list(mpo.shape)} but the table is [num_embeddings={num_embeddings}, "
+                f"embedding_dim={embedding_dim}]"
+            )
+        super().__init__(mpo, cache_weight=cache_weight, original_type=original_type)
         self.padding_idx = padding_idx
-        self.reset_parameters()
+        if random:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Random cores whose product has ``nn.Embedding``'s ``N(0, 1)`` entries."""
-        _init_cores_(self.cores, target_std=1.0)
+        init_cores_(self.cores, target_std=1.0)
         self.clear_cache()
 
     @property
@@ -352,29 +446,48 @@ class MPOEmbedding(MPOModule):
         return self.in_features
 
     @classmethod
-    def from_mpo(cls, mpo: MPO, *, padding_idx: int | None = None, cache_weight: bool = True) -> MPOEmbedding:
+    def from_mpo(
+        cls,
+        mpo: MPO,
+        *,
+        padding_idx: int | None = None,
+        cache_weight: bool = True,
+        original_type: str | None = None,
+    ) -> MPOEmbedding:
         """Wrap an :class:`MPO` of the table ``[num_embeddings, embedding_dim]``."""
-        emb = cls.__new__(cls)
-        MPOModule.__init__(emb, mpo, cache_weight=cache_weight)
-        emb.padding_idx = padding_idx
-        return emb
+        return cls(
+            mpo.out_features,
+            mpo.in_features,
+            mpo=mpo,
+            padding_idx=padding_idx,
+            cache_weight=cache_weight,
+            original_type=original_type,
+        )
 
     @classmethod
     def from_embedding(
-        cls, embedding: nn.Embedding, *, cache_weight: bool = True, **decompose_kwargs: Any
+        cls,
+        embedding: nn.Embedding,
+        *,
+        options: TruncationOptions | None = None,
+        cache_weight: bool = True,
+        **decompose_kwargs: Any,
     ) -> MPOEmbedding:
         """Decompose a :class:`torch.nn.Embedding`'s table (rows are tokens).
 
         ``padding_idx`` is kept for :meth:`to_embedding`; its row is represented like any other
         (an MPO cannot pin one row's gradient to zero). ``max_norm`` and sparse gradients are
-        not supported.
+        not supported. The truncation is ``options`` or keywords of :func:`mpolab.decompose`.
         """
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
         if embedding.max_norm is not None or embedding.sparse:
             raise ValueError("MPOEmbedding does not support max_norm or sparse=True embeddings")
-        mpo = decompose(embedding.weight.detach(), **decompose_kwargs)
-        return cls.from_mpo(mpo, padding_idx=embedding.padding_idx, cache_weight=cache_weight)
+        opts = TruncationOptions.from_kwargs(options, **decompose_kwargs)
+        mpo = decompose(embedding.weight.detach(), options=opts)
+        return cls.from_mpo(
+            mpo, padding_idx=embedding.padding_idx, cache_weight=cache_weight, original_type="Embedding"
+        )
 
     def to_embedding(self) -> nn.Embedding:
         weight = self._rebuild().detach()
@@ -438,23 +551,37 @@ def _best_split(cores: Sequence[torch.Tensor], num_tokens: int) -> int:
     return min(range(1, len(cores)), key=cost)
 
 
-def _random_mpo(
+def random_mpo(
     out_features: int,
     in_features: int,
+    *,
     max_rank: int | Sequence[int],
-    num_cores: int | None,
-    out_factors: Sequence[int] | None,
-    in_factors: Sequence[int] | None,
-    device: torch.device | str | None,
-    dtype: torch.dtype | None,
+    num_cores: int | None = None,
+    out_factors: Sequence[int] | None = None,
+    in_factors: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> MPO:
-    """An uninitialised MPO of the given structure (values set by ``reset_parameters``)."""
-    from .decompose import _cores_from_ranks
-    from .truncation import bond_caps
+    """An MPO of ``[out_features, in_features]`` with the given structure and *uninitialised* cores.
 
-    num_cores = _cores_from_ranks(num_cores, max_rank, out_factors, in_factors)
-    plan = plan_factors(out_features, in_features, num_cores, out_factors=out_factors, in_factors=in_factors)
-    ranks = bond_caps([i * j for i, j in zip(plan.out_factors, plan.in_factors)], max_rank=max_rank)
+    Bonds are ``max_rank`` clipped to what the factors allow; fill the cores with
+    :func:`init_cores_` (or any initialiser) before use.
+
+    Example:
+        >>> mpo = random_mpo(3072, 768, max_rank=16)
+        >>> init_cores_(mpo.cores, target_std=0.02)
+        >>> mpo.ranks
+        (12, 16, 16, 16)
+    """
+    opts = TruncationOptions(max_rank=max_rank, num_cores=num_cores, out_factors=out_factors, in_factors=in_factors)
+    plan = plan_factors(
+        out_features,
+        in_features,
+        opts.num_cores_resolved,
+        out_factors=opts.out_factors,
+        in_factors=opts.in_factors,
+    )
+    ranks = bond_caps([i * j for i, j in zip(plan.out_factors, plan.in_factors)], max_rank=opts.max_rank)
     bonds = [1, *ranks, 1]
     dtype = dtype or torch.get_default_dtype()
     cores = [
@@ -465,8 +592,8 @@ def _random_mpo(
 
 
 @torch.no_grad()
-def _init_cores_(cores: Sequence[torch.Tensor], target_std: float) -> None:
-    """Gaussian cores with equal std ``σ`` so that entries of their product have std ``target_std``.
+def init_cores_(cores: Sequence[torch.Tensor], target_std: float) -> None:
+    """Fill ``cores`` (in place) with Gaussians of one std ``σ`` so that entries of their product have std ``target_std``.
 
     An entry of the product sums ``Π r_k`` products of ``n`` core entries, so its variance is
     ``σ^(2n) Π r_k``.
@@ -476,3 +603,17 @@ def _init_cores_(cores: Sequence[torch.Tensor], target_std: float) -> None:
     sigma = (target_std**2 / bond_product) ** (1 / (2 * n))
     for core in cores:
         core.normal_(0.0, sigma)
+
+
+def mpo_modules(model: nn.Module) -> dict[str, MPOModule]:
+    """Every MPO layer in ``model``, by qualified name (``model`` itself under ``""``)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MPOModule)}
+
+
+# Deprecated private aliases (old positional signature), kept until mpolab_moe uses the public names.
+def _random_mpo(out_features: int, in_features: int, max_rank: Any, *args: Any) -> MPO:
+    names = ("num_cores", "out_factors", "in_factors", "device", "dtype")
+    return random_mpo(out_features, in_features, max_rank=max_rank, **dict(zip(names, args)))
+
+
+_init_cores_ = init_cores_

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["text_table"]
+__all__ = ["TableReport", "text_table"]
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -21,3 +23,39 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
         "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
         for row in [header, ["-" * w for w in widths], *rows]
     ]
+
+
+class TableReport(ABC):
+    """A report that prints as a table: subclasses give :meth:`header`, :meth:`rows` and :meth:`to_dict`.
+
+    ``str(report)`` is the table (:func:`text_table`) followed by the :meth:`summary` lines.
+
+    Example:
+        >>> class Sizes(TableReport):
+        ...     def header(self): return ["name", "size"]
+        ...     def rows(self): return [["fc", "12"]]
+        ...     def to_dict(self): return {"fc": 12}
+        >>> print(Sizes())
+        name  size
+        ----  ----
+        fc    12
+    """
+
+    @abstractmethod
+    def header(self) -> list[str]:
+        """Column titles."""
+
+    @abstractmethod
+    def rows(self) -> list[list[str]]:
+        """One list of cell strings per row, as many cells as :meth:`header`."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
+
+    def summary(self) -> list[str]:
+        """Lines printed under the table (totals); none by default."""
+        return []
+
+    def __str__(self) -> str:
+        return "\n".join([*text_table(self.header(), self.rows()), *self.summary()])

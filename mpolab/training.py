@@ -23,11 +23,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .compress import _Spectrum, allocate_ranks, mpo_modules
-from .nn import MPOModule
+from .compress import _Spectrum, allocate_ranks
+from .nn import HasCentralTensor, MPOModule, mpo_modules
 from .truncation import check_rel_tol
 
-__all__ = ["DimensionSqueezer", "SqueezeResult", "param_groups", "set_trainable", "squeeze"]
+__all__ = ["DimensionSqueezer", "SqueezeResult", "central_modules", "param_groups", "set_trainable", "squeeze"]
 
 Trainable = Literal["auxiliary", "central", "all"]
 
@@ -39,8 +39,30 @@ def _require_mpo_modules(model: nn.Module) -> dict[str, MPOModule]:
     return found
 
 
+def central_modules(model: nn.Module) -> dict[str, HasCentralTensor]:
+    """Every module of ``model`` with central and auxiliary tensors (:class:`~mpolab.nn.HasCentralTensor`).
+
+    MPO layers and any other module with ``central_parameters()`` / ``auxiliary_parameters()``
+    (the MPO expert banks of ``mpolab_moe``), by qualified name.
+    """
+    return {n: m for n, m in model.named_modules() if isinstance(m, HasCentralTensor)}
+
+
+def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(central, auxiliary)`` parameters of every :func:`central_modules` module, each once."""
+    central: dict[int, nn.Parameter] = {}
+    auxiliary: dict[int, nn.Parameter] = {}
+    for m in central_modules(model).values():
+        central.update((id(p), p) for p in m.central_parameters())
+        auxiliary.update((id(p), p) for p in m.auxiliary_parameters())
+    return list(central.values()), [p for i, p in auxiliary.items() if i not in central]
+
+
 def set_trainable(model: nn.Module, mode: Trainable = "auxiliary", *, others: bool = True) -> dict[str, int]:
     """Choose which parameters train.
+
+    Works on every module with central and auxiliary tensors (:class:`~mpolab.nn.HasCentralTensor`:
+    MPO layers, MPO expert banks).
 
     Args:
         mode: ``"auxiliary"`` (MPOP lightweight fine-tuning: central tensors frozen),
@@ -53,16 +75,17 @@ def set_trainable(model: nn.Module, mode: Trainable = "auxiliary", *, others: bo
     """
     if mode not in ("auxiliary", "central", "all"):
         raise ValueError(f"mode must be 'auxiliary', 'central' or 'all', got {mode!r}")
-    layers = _require_mpo_modules(model)
-    core_ids = {id(c) for m in layers.values() for c in m.cores}
+    central, auxiliary = _split_parameters(model)
+    if not central and not auxiliary:
+        raise ValueError("the model has no MPO layers; run mpolab.compress(model, ...) first")
+    core_ids = {id(p) for p in central + auxiliary}
     for p in model.parameters():
         if id(p) not in core_ids:
             p.requires_grad_(others)
-    for m in layers.values():
-        for p in m.central_parameters():
-            p.requires_grad_(mode in ("central", "all"))
-        for p in m.auxiliary_parameters():
-            p.requires_grad_(mode in ("auxiliary", "all"))
+    for p in central:
+        p.requires_grad_(mode in ("central", "all"))
+    for p in auxiliary:
+        p.requires_grad_(mode in ("auxiliary", "all"))
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "total": total}
 
@@ -75,14 +98,17 @@ def param_groups(
     weight_decay: float = 0.0,
     mpo_weight_decay: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: MPO cores at ``mpo_lr``, everything else at ``lr``.
+    """Optimizer parameter groups: MPO tensors at ``mpo_lr``, everything else at ``lr``.
 
-    Only trainable parameters are included; empty groups are left out.
+    MPO tensors are the central and auxiliary parameters of every
+    :class:`~mpolab.nn.HasCentralTensor` module (MPO layers, MPO expert banks). Only trainable
+    parameters are included; empty groups are left out.
 
     Example:
         >>> opt = torch.optim.AdamW(param_groups(model, lr=1e-4, mpo_lr=5e-5))
     """
-    core_ids = {id(c) for m in mpo_modules(model).values() for c in m.cores}
+    central, auxiliary = _split_parameters(model)
+    core_ids = {id(p) for p in central + auxiliary}
     trainable = [p for p in model.parameters() if p.requires_grad]
     cores = [p for p in trainable if id(p) in core_ids]
     rest = [p for p in trainable if id(p) not in core_ids]

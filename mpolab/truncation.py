@@ -31,7 +31,9 @@ import torch
 __all__ = [
     "SVDBackend",
     "Split",
+    "SVD_BACKENDS",
     "bond_caps",
+    "check_max_rank",
     "check_rel_tol",
     "choose_backend",
     "choose_rank",
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 SVDBackend = Literal["auto", "gram", "svd", "randomized"]
-_BACKENDS = ("auto", "gram", "svd", "randomized")
+SVD_BACKENDS: tuple[str, ...] = ("auto", "gram", "svd", "randomized")
 
 
 def squared_norm(A: torch.Tensor) -> float:
@@ -120,18 +122,14 @@ def bond_caps(
     """
     full = full_bond_dims(core_sizes)
     caps = list(full)
+    max_rank = check_max_rank(max_rank)
     if max_rank is not None:
-        if isinstance(max_rank, (bool, str, bytes)) or not isinstance(max_rank, (int, Sequence)):
-            raise TypeError(f"max_rank must be an int or a sequence of ints, got {type(max_rank).__name__}")
         per_bond = [max_rank] * len(full) if isinstance(max_rank, int) else list(max_rank)
         if len(per_bond) != len(full):
             raise ValueError(
                 f"max_rank has {len(per_bond)} entries but the MPO has {len(full)} bonds "
                 f"(one fewer than its {len(core_sizes)} cores)"
             )
-        for r in per_bond:
-            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-                raise ValueError(f"max_rank must be >= 1 (int or one int per bond), got {max_rank!r}")
         caps = [min(c, r) for c, r in zip(caps, per_bond)]
     if max_params is not None:
         if isinstance(max_params, bool) or not isinstance(max_params, int):
@@ -166,6 +164,23 @@ def _fill_budget(core_sizes: Sequence[int], caps: list[int], budget: int) -> lis
                 ranks[k] += 1
                 grown = True
     return ranks
+
+
+def check_max_rank(max_rank: object) -> int | tuple[int, ...] | None:
+    """``max_rank`` as ``None``, an int >= 1, or a tuple of ints >= 1 (one per bond).
+
+    Raises:
+        TypeError: neither an int nor a sequence of ints (a float, a string, a bool).
+        ValueError: an entry below 1 or not an int.
+    """
+    if max_rank is None:
+        return None
+    if isinstance(max_rank, (bool, str, bytes)) or not isinstance(max_rank, (int, Sequence)):
+        raise TypeError(f"max_rank must be an int or a sequence of ints, got {max_rank!r} ({type(max_rank).__name__})")
+    per_bond = [max_rank] if isinstance(max_rank, int) else list(max_rank)
+    if not per_bond or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in per_bond):
+        raise ValueError(f"max_rank must be >= 1 (int or one int per bond), got {max_rank!r}")
+    return max_rank if isinstance(max_rank, int) else tuple(per_bond)
 
 
 def check_rel_tol(rel_tol: object) -> None:
@@ -273,7 +288,7 @@ def low_rank_split(
         r = choose_rank(sq, cap, tail_budget_sq, total_sq)
         return Split(S[:r, None] * Vh[:r], S.double().cpu(), float(sq[r:].sum()), _left=U[:, :r])
     if backend != "gram":
-        raise ValueError(f"svd backend must be one of {_BACKENDS}, got {backend!r}")
+        raise ValueError(f"svd backend must be one of {SVD_BACKENDS}, got {backend!r}")
     if m <= n:
         eigvals, U = torch.linalg.eigh(C @ C.mT)
         sq = eigvals.flip(0).clamp_min(0).double()

@@ -4,7 +4,7 @@ from torch import nn
 
 import mpolab
 from mpolab import DimensionSqueezer, param_groups, set_trainable, squeeze
-from mpolab.compress import mpo_modules
+from mpolab.nn import mpo_modules
 
 from ._hf import FAMILIES, inputs_for
 
@@ -45,6 +45,36 @@ def test_param_groups_give_mpo_tensors_their_own_lr():
     grouped = {id(p) for g in groups for p in g["params"]}
     assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
     torch.optim.AdamW(groups)  # accepted as is
+
+
+def test_param_groups_and_set_trainable_see_mpo_expert_banks():
+    from mpolab_moe import MPOExperts
+
+    model = nn.Sequential(nn.Linear(8, 16), MPOExperts(16, 32, num_experts=3, max_rank=4), nn.LayerNorm(16))
+    bank = model[1]
+    assert isinstance(bank, mpolab.HasCentralTensor) and not isinstance(bank, mpolab.MPOModule)
+    central = {id(p) for p in bank.central_parameters()}
+    auxiliary = {id(p) for p in bank.auxiliary_parameters()}
+    assert central and auxiliary and not central & auxiliary
+
+    counts = set_trainable(model, "auxiliary")
+    assert all(not p.requires_grad for p in bank.central_parameters())
+    assert all(p.requires_grad for p in bank.auxiliary_parameters())
+    assert all(p.requires_grad for p in model[0].parameters())  # others train
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for p in bank.central_parameters()
+    )
+
+    groups = param_groups(model, lr=1e-3, mpo_lr=1e-4)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-4]
+    assert {id(p) for p in groups[1]["params"]} == auxiliary
+    assert {id(p) for p in groups[0]["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad and id(p) not in auxiliary
+    }
+
+    set_trainable(model, "central", others=False)
+    assert {id(p) for p in model.parameters() if p.requires_grad} == central
+    assert {id(p) for g in param_groups(model, lr=1e-3, mpo_lr=1e-4) for p in g["params"]} == central
 
 
 def test_squeeze_keeps_the_optimizer_usable():
