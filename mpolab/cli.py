@@ -137,34 +137,18 @@ def _check_writable(path: Path) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .io import CONFIG_NAME, WEIGHTS_NAME, _parse_layers, _read_record, _read_weights
-    from .mpo import MPO
+    from .io import WEIGHTS_NAME, read_record, read_tensors
 
-    folder = Path(args.path)
-    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-        raise ValueError(
-            f"{folder} is not a folder written by 'mpolab compress --out' or mpolab.save "
-            f"(expected {WEIGHTS_NAME} and {CONFIG_NAME})"
-        )
-    layers = _parse_layers(_read_record(folder / CONFIG_NAME).get("modules", {}), folder / CONFIG_NAME)
-    if not layers:
-        raise ValueError(f"{folder} holds no MPO layers")
-    tensors = _read_weights(folder / WEIGHTS_NAME, "cpu")
+    saved = read_record(args.path)  # the same checks as mpolab.load
+    if not saved.layers:
+        raise ValueError(f"{saved.folder} holds no MPO layers")
+    tensors = read_tensors(saved.folder, "cpu")
     header = ["layer", "shape", "factors (out x in)", "ranks", "params", "% dense", "90% / 99% energy at widest bond"]
     rows = []
     total = dense_total = 0
-    for name, info in sorted(layers.items()):
-        prefix = f"{name}.cores." if name else "cores."
-        keys = [f"{prefix}{k}" for k in range(len(info["in_factors"]))]
-        missing = [k for k in keys if k not in tensors]
-        if missing:
-            raise ValueError(f"{folder / WEIGHTS_NAME} lacks {missing} recorded for layer {name!r} in {CONFIG_NAME}")
-        shape = (
-            (info["num_embeddings"], info["embedding_dim"])
-            if info["kind"] == "embedding"
-            else (info["out_features"], info["in_features"])
-        )
-        mpo = MPO([tensors[k].float() for k in keys], *shape)
+    for name, layer in sorted(saved.layers.items()):
+        mpo = layer.mpo_from(tensors, saved.folder / WEIGHTS_NAME).to(torch.float32)
+        shape = layer.shape
         exact = mpo.truncate(max_rank=max(mpo.ranks))  # lossless rounding: the current spectra
         widest = max(range(len(mpo.ranks)), key=lambda k: mpo.ranks[k])
         s = exact.singular_values[widest] if exact.singular_values else torch.ones(1)
@@ -207,7 +191,7 @@ def _require_matplotlib() -> Any:
 def _plot(model: torch.nn.Module, report: Any, path: Path) -> None:
     """Bond spectra and per-layer error vs parameters kept, as a PNG at ``path``."""
     plt = _require_matplotlib()
-    from .compress import mpo_modules
+    from .nn import mpo_modules
 
     layers = mpo_modules(model)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -246,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"compress": _compress, "inspect": _inspect, "demo": _demo}
     try:
         return handlers[args.command](args)
-    except (ValueError, PermissionError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # OSError: missing files, permissions
         print(f"mpolab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

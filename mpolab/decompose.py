@@ -21,10 +21,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .mpo import MPO, _backend_for, _right_orthonormalize, _work_dtype
-from .shapes import plan_factors
+from .mpo import MPO
 from .options import TruncationOptions
-from .truncation import SVDBackend, bond_caps, low_rank_split, squared_norm
+from .shapes import plan_factors
+from .sweep import backend_for, sweep, work_dtype
+from .truncation import SVDBackend, bond_caps, squared_norm
 
 __all__ = ["decompose"]
 
@@ -108,8 +109,8 @@ def decompose(
     caps = bond_caps(sizes, max_rank=opts.max_rank, max_params=opts.budget_for(out_features * in_features))
     rel_tol = opts.rel_tol
 
-    work_dtype = _work_dtype(W.dtype)
-    backend, compute_dtype = _backend_for(opts.svd, work_dtype, rel_tol, plan.num_cores)
+    compute_base = work_dtype(W.dtype)
+    backend, compute_dtype = backend_for(opts.svd, compute_base, rel_tol, plan.num_cores)
     with torch.no_grad():
         A = W.detach().to(compute_dtype)
         norm_sq = _norm_sq(A)
@@ -122,7 +123,7 @@ def decompose(
         T = A.reshape(*plan.out_factors, *plan.in_factors).permute(order)
         budget = None if rel_tol is None else rel_tol**2 * norm_sq
         first = T.reshape(1, plan.out_factors[0], plan.in_factors[0], -1)
-        cores, spectra, discarded = _sweep(
+        cores, spectra, discarded = sweep(
             first=first,
             rest=[(i, j) for i, j in zip(plan.out_factors[1:], plan.in_factors[1:])],
             caps=caps,
@@ -149,63 +150,6 @@ def _norm_sq(A: torch.Tensor) -> float:
             raise ValueError(f"W holds {bad} NaN/Inf entries; an MPO of a non-finite matrix is meaningless")
         norm_sq = squared_norm(A.double())  # overflowed in float32
     return norm_sq
-
-
-def _sweep(
-    *,
-    first: torch.Tensor,
-    rest: Sequence[torch.Tensor] | Sequence[tuple[int, int]],
-    caps: Sequence[int],
-    budget_sq: float | None,
-    backend: str,
-    compute_dtype: torch.dtype,
-    center: int,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
-    """Left-to-right truncated sweep shared by :func:`decompose` and :meth:`MPO.truncate`.
-
-    Args:
-        first: ``[1, i_1, j_1, rest…]``: the first core together with everything to its right
-            when ``rest`` gives only factor pairs (TT-SVD of a dense tensor); or the first core
-            of a right-canonical MPO when ``rest`` holds the other cores (TT rounding).
-        rest: the remaining cores ``[r, i, j, r']``, or the remaining ``(i, j)`` factor pairs.
-        caps: one rank cap per bond.
-        budget_sq: discarded energy allowed in total, or ``None``. Each bond may use an equal
-            share of what the bonds before it left unused, so the total is never exceeded.
-        center: the result is mixed-canonical around this core.
-
-    Returns:
-        ``(cores, singular values per bond, total discarded energy)``.
-    """
-    dense = bool(rest) and not isinstance(rest[0], torch.Tensor)
-    splits = []
-    shapes = []  # (r_left, i, j) per core
-    discarded = 0.0
-    r_left, i, j = 1, int(first.shape[1]), int(first.shape[2])
-    carry = first.to(compute_dtype)  # [r_left, i, j, rest...]
-    for k, cap in enumerate(caps):
-        step_budget = None if budget_sq is None else max(budget_sq - discarded, 0.0) / (len(caps) - k)
-        split = low_rank_split(carry.reshape(r_left * i * j, -1), cap, step_budget, backend)
-        splits.append(split)
-        shapes.append((r_left, i, j))
-        discarded += split.discarded_sq
-        r_left = split.rank
-        if dense:
-            i, j = rest[k]  # type: ignore[misc]
-            carry = split.right.reshape(r_left, i, j, -1)
-        else:
-            nxt = rest[k].to(compute_dtype)  # type: ignore[union-attr]
-            i, j = int(nxt.shape[1]), int(nxt.shape[2])
-            a, _, _, b = nxt.shape
-            carry = (split.right @ nxt.reshape(a, -1)).reshape(r_left, i, j, b)
-    cores: list[torch.Tensor] = [torch.empty(0)] * len(splits) + [carry.reshape(r_left, i, j, 1)]
-    # The sweep leaves the norm in the last core; move it to `center`, folding each carry into
-    # the (possibly lazy) left factor before that factor is ever formed.
-    for k in range(len(cores) - 1, center, -1):
-        carry_k, cores[k] = _right_orthonormalize(cores[k])
-        cores[k - 1] = splits[k - 1].left_times(carry_k).reshape(*shapes[k - 1], -1)
-    for k in range(min(center, len(splits))):
-        cores[k] = splits[k].left.reshape(*shapes[k], -1)
-    return cores, [s.singular_values for s in splits], discarded
 
 
 def _check_matrix(W: object) -> None:

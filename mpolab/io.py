@@ -33,9 +33,9 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +43,27 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .compress import _set_submodule, is_conv1d, mpo_modules
 from .mpo import MPO
-from .nn import MPOEmbedding, MPOLinear, MPOModule
+from .nn import MPOEmbedding, MPOLinear, MPOModule, mpo_modules
+from .utils import atomic_files, is_conv1d, set_submodule
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "HF_CONFIG_NAME", "WEIGHTS_NAME", "load", "save"]
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "HF_CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "LayerRecord",
+    "SavedRecord",
+    "load",
+    "read_record",
+    "read_tensors",
+    "save",
+]
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "mpolab_config.json"
 HF_CONFIG_NAME = "config.json"
-
-#: Attribute an MPO layer may carry to say which dense layer it replaced (``"Linear"``,
-#: ``"Conv1D"``, ``"Embedding"``); written as ``"original"`` and set again on load.
-ORIGINAL_ATTR = "original_type"
 
 _EXPECTED = f"a folder written by mpolab.save, holding {WEIGHTS_NAME} and {CONFIG_NAME}"
 
@@ -113,32 +120,11 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     hf_config = getattr(model, "config", None) if _is_hf_model(model) else None
     stale_hf_config = hf_config is None and _wrote_hf_config(path)
 
-    pending: list[tuple[Path, Path]] = []  # (temporary, final)
-    try:
-        tmp = _new_temp(path, WEIGHTS_NAME)
-        pending.append((tmp, path / WEIGHTS_NAME))
-        safetensors.torch.save_model(model, str(tmp), metadata={"format": "pt"})
-        _fsync(tmp)
-
+    with atomic_files(path) as files:  # moved into place in write order: the structure file last
+        files.write_with(WEIGHTS_NAME, lambda tmp: safetensors.torch.save_model(model, tmp, metadata={"format": "pt"}))
         if hf_config is not None:
-            tmp = _new_temp(path, HF_CONFIG_NAME)
-            pending.append((tmp, path / HF_CONFIG_NAME))
-            _write_text(tmp, hf_config.to_json_string(use_diff=True))
-
-        tmp = _new_temp(path, CONFIG_NAME)
-        pending.append((tmp, path / CONFIG_NAME))
-        _write_text(tmp, json.dumps(record, indent=2, sort_keys=False) + "\n")
-
-        # Everything is written: move each file into place, the structure file last.
-        for tmp, final in pending:
-            os.replace(tmp, final)
-    except BaseException:
-        for tmp, _ in pending:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-        raise
+            files.write_text(HF_CONFIG_NAME, hf_config.to_json_string(use_diff=True))
+        files.write_text(CONFIG_NAME, json.dumps(record, indent=2, sort_keys=False) + "\n")
     if stale_hf_config:
         (path / HF_CONFIG_NAME).unlink(missing_ok=True)
     return path
@@ -164,7 +150,7 @@ def _describe(module: MPOModule) -> dict[str, Any]:
         "ranks": list(module.ranks),
         "dtype": dtype,
         "cache_weight": bool(getattr(module, "cache_weight", True)),
-        "original": getattr(module, ORIGINAL_ATTR, None),
+        "original": module.original_type,
     }
     if isinstance(module, MPOEmbedding):
         return {
@@ -205,32 +191,6 @@ def _hf_model_class(model: nn.Module) -> str | None:
 
     name = type(model).__name__
     return f"transformers.{name}" if getattr(transformers, name, None) is type(model) else None
-
-
-def _new_temp(folder: Path, final_name: str) -> Path:
-    """An empty temporary file in ``folder`` (suffix ``.tmp``, so no ``*.safetensors`` glob sees it)."""
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{final_name}.", suffix=".tmp", delete=False) as f:
-        name = f.name
-    os.chmod(name, 0o666 & ~_umask())
-    return Path(name)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------------- load
@@ -275,41 +235,160 @@ def load(
         >>> model = mpolab.load("compressed/")                     # Hugging Face model
         >>> model = mpolab.load("compressed/", base=MyNet())       # any other model
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; expected {_EXPECTED}")
-    if not path.is_dir():
-        raise ValueError(f"{path} is a file; expected {_EXPECTED}")
-    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing; expected {_EXPECTED}")
-
-    record = _read_record(config_file)
-    layers = _parse_layers(record["modules"], config_file)
-    state = _read_weights(weights_file, map_location)
+    saved = read_record(path)
+    state = read_tensors(path, map_location)
+    config_file, weights_file = saved.folder / CONFIG_NAME, saved.folder / WEIGHTS_NAME
 
     if base is None:
-        model = _build_hf_model(path, record, config_file)
+        model = _build_hf_model(saved.folder, saved.model_class, config_file)
         model.eval()
         model.to(_device(map_location))
     else:
         model = base
 
-    model, replaced = _install_layers(model, layers, config_file)
+    model, replaced = _install_layers(model, saved.layers, config_file)
     try:
         _check_and_load(model, state, strict, weights_file)
     except BaseException:
         for name, old in replaced:
             if name:
-                _set_submodule(model, name, old)
+                set_submodule(model, name, old)
         raise
     for module in mpo_modules(model).values():
         module.clear_cache()
     return model
 
 
-def _read_record(file: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LayerRecord:
+    """One saved MPO layer, as recorded in ``mpolab_config.json`` (validated by :func:`read_record`).
+
+    Attributes:
+        name: qualified module name (``""`` for a model that is one MPO layer).
+        kind: ``"linear"`` or ``"embedding"``.
+        shape: ``(out_features, in_features)`` (``(num_embeddings, embedding_dim)``).
+        out_factors, in_factors, ranks: the MPO structure; cores are ``[r_{k-1}, i_k, j_k, r_k]``.
+        dtype: the cores' dtype.
+        bias, padding_idx, cache_weight: as the layer had them.
+        original: class name of the dense layer it replaced, or ``None``.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    out_factors: tuple[int, ...]
+    in_factors: tuple[int, ...]
+    ranks: tuple[int, ...]
+    dtype: torch.dtype
+    bias: bool
+    padding_idx: int | None
+    cache_weight: bool
+    original: str | None
+
+    @property
+    def core_keys(self) -> list[str]:
+        """The ``state_dict`` names of the cores (``<name>.cores.<k>``)."""
+        prefix = f"{self.name}.cores." if self.name else "cores."
+        return [f"{prefix}{k}" for k in range(len(self.out_factors))]
+
+    @property
+    def core_shapes(self) -> list[tuple[int, int, int, int]]:
+        bonds = [1, *self.ranks, 1]
+        return [(bonds[k], i, j, bonds[k + 1]) for k, (i, j) in enumerate(zip(self.out_factors, self.in_factors))]
+
+    def mpo_from(self, tensors: Mapping[str, torch.Tensor], file: Path | str = WEIGHTS_NAME) -> MPO:
+        """The layer's :class:`MPO` from ``tensors`` (as :func:`read_tensors` returns them).
+
+        Raises:
+            ValueError: a core is missing or its shape is not the recorded one.
+        """
+        cores = []
+        for key, shape in zip(self.core_keys, self.core_shapes):
+            if key not in tensors:
+                raise ValueError(f"{file} lacks {key!r}, recorded for layer {self.name!r} in {CONFIG_NAME}")
+            if tuple(tensors[key].shape) != shape:
+                raise ValueError(
+                    f"{file}: {key!r} has shape {tuple(tensors[key].shape)}, but {CONFIG_NAME} records {shape}"
+                )
+            cores.append(tensors[key])
+        return MPO(cores, *self.shape)
+
+    def empty_layer(self, device: torch.device | None = None) -> MPOModule:
+        """An MPO layer of this structure with zero cores (to be filled from the file)."""
+        cores = [torch.zeros(s, dtype=self.dtype, device=device) for s in self.core_shapes]
+        mpo = MPO(cores, *self.shape)
+        if self.kind == "embedding":
+            return MPOEmbedding.from_mpo(
+                mpo, padding_idx=self.padding_idx, cache_weight=self.cache_weight, original_type=self.original
+            )
+        bias = torch.zeros(self.shape[0], dtype=self.dtype, device=device) if self.bias else None
+        return MPOLinear.from_mpo(mpo, bias, cache_weight=self.cache_weight, original_type=self.original)
+
+
+@dataclass(frozen=True)
+class SavedRecord:
+    """The validated ``mpolab_config.json`` of a folder written by :func:`save`."""
+
+    folder: Path
+    format_version: int
+    mpolab_version: str | None
+    model_class: str | None
+    layers: dict[str, LayerRecord]
+
+
+def read_record(path: str | os.PathLike[str]) -> SavedRecord:
+    """Read and validate the structure of a folder written by :func:`save` (no tensors are read).
+
+    :func:`load` and ``mpolab inspect`` both start here, so they accept and refuse the same folders.
+
+    Raises:
+        FileNotFoundError: ``path``, its ``model.safetensors`` or its ``mpolab_config.json`` is missing.
+        ValueError: ``path`` is a file; the JSON is invalid, of another ``format_version``, or a
+            layer record is inconsistent (naming the layer and the field).
+
+    Example:
+        >>> saved = read_record("compressed/")
+        >>> {name: layer.ranks for name, layer in saved.layers.items()}
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist; expected {_EXPECTED}")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file; expected {_EXPECTED}")
+    for file in (folder / CONFIG_NAME, folder / WEIGHTS_NAME):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing; expected {_EXPECTED}")
+    file = folder / CONFIG_NAME
+    record = _read_json(file)
+    layers = {name: _parse_layer(name, rec, file) for name, rec in record["modules"].items()}
+    version = record.get("mpolab_version")
+    return SavedRecord(
+        folder,
+        record["format_version"],
+        None if version is None else str(version),
+        record.get("model_class") or None,
+        layers,
+    )
+
+
+def read_tensors(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's ``model.safetensors`` (never unpickles), on ``map_location``.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: the file is not a readable safetensors file.
+    """
+    file = Path(path) / WEIGHTS_NAME
+    device: str | int = str(map_location) if isinstance(map_location, torch.device) else map_location
+    try:
+        return safetensors.torch.load_file(str(file), device=device)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # SafetensorError (header/body truncated or garbled), OSError, ...
+        raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
+def _read_json(file: Path) -> dict[str, Any]:
     try:
         record = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -333,66 +412,60 @@ def _positive_ints(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
 
 
-def _parse_layers(modules: Mapping[str, Any], file: Path) -> dict[str, dict[str, Any]]:
-    """Validate each layer record; returns them with ``shape`` (out, in) and a ``torch.dtype``."""
-    layers = {}
-    for name, rec in modules.items():
-        where = f"{file}: module {name!r}"
-        if not isinstance(rec, dict):
-            raise ValueError(f"{where} must be a JSON object")
-        kind = rec.get("kind")
-        if kind == "linear":
-            keys = ("out_features", "in_features")
-        elif kind == "embedding":
-            keys = ("num_embeddings", "embedding_dim")
-        else:
-            raise ValueError(f"{where} has unknown kind {kind!r} (expected 'linear' or 'embedding')")
-        shape = tuple(rec.get(k) for k in keys)
-        if not _positive_ints(list(shape)):
-            raise ValueError(f"{where} needs positive integer {keys[0]} and {keys[1]}, got {shape}")
-        out_f, in_f, ranks = rec.get("out_factors"), rec.get("in_factors"), rec.get("ranks")
-        if not (_positive_ints(out_f) and _positive_ints(in_f) and _positive_ints(ranks)):
-            raise ValueError(f"{where} needs lists of positive integers out_factors, in_factors and ranks")
-        if not out_f or len(out_f) != len(in_f) or len(ranks) != len(out_f) - 1:
-            raise ValueError(
-                f"{where} has inconsistent factors/ranks: out_factors={out_f}, in_factors={in_f}, ranks={ranks} "
-                "(need equal factor counts and one rank fewer)"
-            )
-        if math.prod(out_f) < shape[0] or math.prod(in_f) < shape[1]:
-            raise ValueError(
-                f"{where}: factors out={out_f}, in={in_f} do not cover the shape {shape[0]}x{shape[1]} (out x in)"
-            )
-        dtype = getattr(torch, str(rec.get("dtype", "float32")), None)
-        if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
-            raise ValueError(f"{where} has unknown dtype {rec.get('dtype')!r}")
-        padding_idx = rec.get("padding_idx")
-        if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)):
-            raise ValueError(f"{where} has a non-integer padding_idx {padding_idx!r}")
-        layers[name] = {
-            **rec,
-            "shape": shape,
-            "torch_dtype": dtype,
-            "bias": bool(rec.get("bias", False)),
-        }
-    return layers
-
-
-def _read_weights(file: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
-    device: str | int = str(map_location) if isinstance(map_location, torch.device) else map_location
-    try:
-        return safetensors.torch.load_file(str(file), device=device)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # SafetensorError (header/body truncated or garbled), OSError, ...
-        raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+def _parse_layer(name: str, rec: Any, file: Path) -> LayerRecord:
+    """Validate one layer record of ``file``."""
+    where = f"{file}: module {name!r}"
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where} must be a JSON object")
+    kind = rec.get("kind")
+    if kind == "linear":
+        keys = ("out_features", "in_features")
+    elif kind == "embedding":
+        keys = ("num_embeddings", "embedding_dim")
+    else:
+        raise ValueError(f"{where} has unknown kind {kind!r} (expected 'linear' or 'embedding')")
+    shape = tuple(rec.get(k) for k in keys)
+    if not _positive_ints(list(shape)):
+        raise ValueError(f"{where} needs positive integer {keys[0]} and {keys[1]}, got {shape}")
+    out_f, in_f, ranks = rec.get("out_factors"), rec.get("in_factors"), rec.get("ranks")
+    if not (_positive_ints(out_f) and _positive_ints(in_f) and _positive_ints(ranks)):
+        raise ValueError(f"{where} needs lists of positive integers out_factors, in_factors and ranks")
+    if not out_f or len(out_f) != len(in_f) or len(ranks) != len(out_f) - 1:
+        raise ValueError(
+            f"{where} has inconsistent factors/ranks: out_factors={out_f}, in_factors={in_f}, ranks={ranks} "
+            "(need equal factor counts and one rank fewer)"
+        )
+    if math.prod(out_f) < shape[0] or math.prod(in_f) < shape[1]:
+        raise ValueError(
+            f"{where}: factors out={out_f}, in={in_f} do not cover the shape {shape[0]}x{shape[1]} (out x in)"
+        )
+    dtype = getattr(torch, str(rec.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
+        raise ValueError(f"{where} has unknown dtype {rec.get('dtype')!r}")
+    padding_idx = rec.get("padding_idx")
+    if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)):
+        raise ValueError(f"{where} has a non-integer padding_idx {padding_idx!r}")
+    original = rec.get("original")
+    return LayerRecord(
+        name=name,
+        kind=kind,
+        shape=(shape[0], shape[1]),  # type: ignore[arg-type]
+        out_factors=tuple(out_f),
+        in_factors=tuple(in_f),
+        ranks=tuple(ranks),
+        dtype=dtype,
+        bias=bool(rec.get("bias", False)),
+        padding_idx=padding_idx,
+        cache_weight=bool(rec.get("cache_weight", True)),
+        original=None if original is None else str(original),
+    )
 
 
 def _device(map_location: str | torch.device) -> torch.device:
     return torch.device(f"cuda:{map_location}" if isinstance(map_location, int) else map_location)
 
 
-def _build_hf_model(path: Path, record: Mapping[str, Any], config_file: Path) -> nn.Module:
-    name = record.get("model_class")
+def _build_hf_model(path: Path, name: str | None, config_file: Path) -> nn.Module:
     if not name:
         raise ValueError(
             f"{config_file} records no transformers model_class, so the architecture is unknown; "
@@ -449,25 +522,8 @@ def _module_device(module: nn.Module) -> torch.device | None:
     return None
 
 
-def _empty_layer(rec: Mapping[str, Any], device: torch.device | None) -> MPOModule:
-    """An MPO layer of the recorded structure with zero cores (filled from the file afterwards)."""
-    out_f, in_f, ranks = rec["out_factors"], rec["in_factors"], rec["ranks"]
-    dtype = rec["torch_dtype"]
-    bonds = [1, *ranks, 1]
-    cores = [
-        torch.zeros(bonds[k], i, j, bonds[k + 1], dtype=dtype, device=device)
-        for k, (i, j) in enumerate(zip(out_f, in_f))
-    ]
-    mpo = MPO(cores, *rec["shape"])
-    cache_weight = bool(rec.get("cache_weight", True))
-    if rec["kind"] == "embedding":
-        return MPOEmbedding.from_mpo(mpo, padding_idx=rec.get("padding_idx"), cache_weight=cache_weight)
-    bias = torch.zeros(rec["shape"][0], dtype=dtype, device=device) if rec["bias"] else None
-    return MPOLinear.from_mpo(mpo, bias, cache_weight=cache_weight)
-
-
 def _install_layers(
-    model: nn.Module, layers: Mapping[str, Mapping[str, Any]], config_file: Path
+    model: nn.Module, layers: Mapping[str, LayerRecord], config_file: Path
 ) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
     """Check every recorded layer against ``model``, then swap in empty MPO layers.
 
@@ -483,25 +539,23 @@ def _install_layers(
         if old is None:
             raise ValueError(
                 f"the base {type(model).__name__} has no module {name!r}, which {config_file} records as an MPO "
-                f"{_shape_text(rec['kind'], rec['shape'])}; is it the saved architecture?"
+                f"{_shape_text(rec.kind, rec.shape)}; is it the saved architecture?"
             )
         found = _compatible_shape(old)
-        if found is None or found[:2] != (rec["kind"], rec["shape"]):
+        if found is None or found[:2] != (rec.kind, rec.shape):
             have = f"{found[2]} {_shape_text(*found[:2])}" if found else f"a {type(old).__name__}"
             raise ValueError(
-                f"module {name!r}: saved as an MPO {_shape_text(rec['kind'], rec['shape'])}, but the base has {have}"
+                f"module {name!r}: saved as an MPO {_shape_text(rec.kind, rec.shape)}, but the base has {have}"
             )
         plan.append((name, old, found[2]))
     replaced = []
     for name, old, old_type in plan:
-        rec = layers[name]
-        layer = _empty_layer(rec, _module_device(old))
-        original = rec.get("original") or (old_type if not old_type.startswith("MPO") else None)
-        if original is not None:
-            setattr(layer, ORIGINAL_ATTR, original)
+        layer = layers[name].empty_layer(_module_device(old))
+        if layer.original_type is None and not old_type.startswith("MPO"):
+            layer.original_type = old_type
         layer.train(old.training)
         if name:
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
         else:  # the saved model was a bare MPO layer: the new layer is the model
             model = layer
         replaced.append((name, old))

@@ -22,7 +22,8 @@ import torch
 
 from . import contract
 from .options import TruncationOptions
-from .truncation import SVDBackend, bond_caps, choose_backend
+from .sweep import backend_for, left_orthonormalize, right_orthonormalize, sweep, work_dtype
+from .truncation import SVDBackend, bond_caps
 
 __all__ = ["MPO"]
 
@@ -156,7 +157,7 @@ class MPO:
 
     def norm(self) -> float:
         """Frobenius norm of the represented matrix, without forming it."""
-        return float(torch.linalg.vector_norm(self.to(_work_dtype(self.dtype)).canonicalize(0).cores[0].double()))
+        return float(torch.linalg.vector_norm(self.to(work_dtype(self.dtype)).canonicalize(0).cores[0].double()))
 
     # ------------------------------------------------------------------ gauge
     def canonicalize(self, center: int | None = None) -> MPO:
@@ -170,12 +171,12 @@ class MPO:
         center = self.central_index if center is None else center
         if not 0 <= center < self.num_cores:
             raise ValueError(f"center must be in [0, {self.num_cores - 1}], got {center}")
-        cores = [c.to(_work_dtype(c.dtype)) for c in self.cores]  # no half-precision QR on CPU
+        cores = [c.to(work_dtype(c.dtype)) for c in self.cores]  # no half-precision QR on CPU
         for k in range(center):
-            cores[k], carry = _left_orthonormalize(cores[k])
+            cores[k], carry = left_orthonormalize(cores[k])
             cores[k + 1] = torch.einsum("ab,bijc->aijc", carry, cores[k + 1])
         for k in range(self.num_cores - 1, center, -1):
-            carry, cores[k] = _right_orthonormalize(cores[k])
+            carry, cores[k] = right_orthonormalize(cores[k])
             cores[k - 1] = torch.einsum("aijb,bc->aijc", cores[k - 1], carry)
         return replace(self, cores=[c.to(self.dtype) for c in cores])
 
@@ -198,9 +199,7 @@ class MPO:
         Example:
             >>> small = mpo.truncate(max_rank=32)
         """
-        from .decompose import _sweep  # decompose builds on this module
-
-        # svd is checked by _backend_for: this MPO's ranks already cap a randomized SVD.
+        # svd is checked by backend_for: this MPO's ranks already cap a randomized SVD.
         opts = TruncationOptions(
             max_rank=max_rank, rel_tol=rel_tol, max_params=max_params, ratio=ratio, num_cores=self.num_cores
         )
@@ -211,12 +210,12 @@ class MPO:
         )
         caps = [min(c, r) for c, r in zip(caps, self.ranks)]
         with torch.no_grad():
-            work_dtype = _work_dtype(self.dtype)
-            cores = self.to(work_dtype).canonicalize(0).cores
+            compute_base = work_dtype(self.dtype)
+            cores = self.to(compute_base).canonicalize(0).cores
             norm_sq = float(cores[0].double().square().sum())
-            backend, compute_dtype = _backend_for(svd, work_dtype, rel_tol, self.num_cores)
+            backend, compute_dtype = backend_for(svd, compute_base, rel_tol, self.num_cores)
             budget = None if rel_tol is None else rel_tol**2 * norm_sq
-            new_cores, spectra, discarded = _sweep(
+            new_cores, spectra, discarded = sweep(
                 first=cores[0],
                 rest=cores[1:],
                 caps=caps,
@@ -270,38 +269,3 @@ class MPO:
             f"MPO(shape={list(self.shape)}, out_factors={self.out_factors}, in_factors={self.in_factors}, "
             f"ranks={self.ranks}, num_params={self.num_params}{err})"
         )
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision cores (decompositions and QR run in float32 at least)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _backend_for(svd: str, dtype: torch.dtype, rel_tol: float | None, num_cores: int) -> tuple[str, torch.dtype]:
-    """Back end and compute dtype for an ``svd=`` argument."""
-    per_bond = None if rel_tol is None else rel_tol / math.sqrt(max(num_cores - 1, 1))
-    if svd == "auto":
-        return choose_backend(dtype, per_bond)
-    if svd in ("gram", "svd", "randomized"):
-        return svd, dtype
-    raise ValueError(f"svd must be 'auto', 'gram', 'svd' or 'randomized', got {svd!r}")
-
-
-def _sign_fix(Q: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    signs = torch.sign(torch.diagonal(R))
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return Q * signs, R * signs[:, None]
-
-
-def _left_orthonormalize(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``core = Q ×₃ R`` with Q left-orthonormal; returns ``(Q [r, i, j, r'], R [r', r_right])``."""
-    r0, i, j, r1 = core.shape
-    Q, R = _sign_fix(*torch.linalg.qr(core.reshape(r0 * i * j, r1)))
-    return Q.reshape(r0, i, j, -1), R
-
-
-def _right_orthonormalize(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``core = L ×₀ Q`` with Q right-orthonormal; returns ``(L [r_left, r'], Q [r', i, j, r])``."""
-    r0, i, j, r1 = core.shape
-    Q, R = _sign_fix(*torch.linalg.qr(core.reshape(r0, i * j * r1).mT))
-    return R.mT, Q.mT.reshape(-1, i, j, r1)

@@ -593,7 +593,7 @@ def random_mpo(
 
 @torch.no_grad()
 def init_cores_(cores: Sequence[torch.Tensor], target_std: float) -> None:
-    """Fill ``cores`` (in place) with Gaussians of one std ``σ`` so that entries of their product have std ``target_std``.
+    """Fill ``cores`` in place with Gaussians of one std ``σ`` so their product's entries have std ``target_std``.
 
     An entry of the product sums ``Π r_k`` products of ``n`` core entries, so its variance is
     ``σ^(2n) Π r_k``.

@@ -67,7 +67,7 @@ class TruncationOptions:
         check_positive_int(self.max_params, "max_params", allow_none=True)
         if self.ratio is not None:
             if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
-                raise TypeError(f"ratio must be a float > 0 (fraction of the dense parameter count), got {self.ratio!r}")
+                raise TypeError(f"ratio must be a float > 0 (fraction of the dense parameters), got {self.ratio!r}")
             if not (math.isfinite(self.ratio) and self.ratio > 0):
                 raise ValueError(
                     f"ratio must be a finite number > 0 (fraction of the dense parameter count), got {self.ratio}"
@@ -80,7 +80,7 @@ class TruncationOptions:
             if isinstance(self.num_cores, bool) or not isinstance(self.num_cores, int):
                 raise TypeError(f"num_cores must be an int >= 2, got {self.num_cores!r}")
             if self.num_cores < 2:
-                raise ValueError(f"num_cores must be >= 2 (an MPO of one core is the matrix itself), got {self.num_cores}")
+                raise ValueError(f"num_cores must be >= 2 (one core is the matrix itself), got {self.num_cores}")
         for name in ("out_factors", "in_factors"):
             set_(self, name, _as_factor_tuple(getattr(self, name), name))
         self._refuse_tensorly_ranks()

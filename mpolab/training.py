@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .compress import _Spectrum, allocate_ranks
+from .allocate import Spectrum, allocate_ranks
 from .nn import HasCentralTensor, MPOModule, mpo_modules
 from .truncation import check_rel_tol
 
@@ -182,7 +182,7 @@ def squeeze(
             exact = m.mpo.truncate(max_rank=max(m.ranks))  # rounding without loss: current spectra
             sizes = [i * j for i, j in zip(m.out_factors, m.in_factors)]
             assert exact.singular_values is not None
-            spectra[n] = _Spectrum(sizes, exact.singular_values, max(exact.norm() ** 2, 1e-30), list(m.ranks))
+            spectra[n] = Spectrum(sizes, exact.singular_values, max(exact.norm() ** 2, 1e-30), list(m.ranks))
         allocated = allocate_ranks(spectra, int(ratio * params_before))
         caps = {n: {"max_rank": r} for n, r in allocated.items()}
     errors = {}

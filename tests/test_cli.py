@@ -8,7 +8,7 @@ import torch
 
 import mpolab
 from mpolab import cli
-from mpolab.compress import mpo_modules
+from mpolab.nn import mpo_modules
 from mpolab.demo import run_demo
 
 from ._hf import tiny_bert

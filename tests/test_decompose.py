@@ -152,7 +152,7 @@ def test_truncation_happens_during_the_sweep(monkeypatch):
     """No step ever factorises more than the capped remainder: rows stay r_{k-1}·i_k·j_k with small r."""
     import sys
 
-    module = sys.modules["mpolab.decompose"]
+    module = sys.modules["mpolab.sweep"]
     seen = []
     real = module.low_rank_split
 

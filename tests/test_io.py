@@ -13,7 +13,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, GPT2LMHeadModel
 
 import mpolab
-from mpolab.compress import mpo_modules
+from mpolab.nn import mpo_modules
 from mpolab.io import CONFIG_NAME, HF_CONFIG_NAME, WEIGHTS_NAME
 
 from ._hf import FAMILIES, inputs_for, main_output

