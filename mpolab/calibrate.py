@@ -327,7 +327,7 @@ def collect_input_stats(
     targets: Mapping[str, nn.Module] | Iterable[str],
     data: Iterable[Batch],
     *,
-    gram_dtype: torch.dtype = torch.float64,
+    gram_dtype: torch.dtype = torch.float32,
     min_tokens_factor: float = 1.0,
     progress: bool = False,
 ) -> dict[str, InputStats]:
@@ -338,8 +338,10 @@ def collect_input_stats(
         targets: ``{name: module}`` or module names (``"model.layers.0.mlp.up_proj"``).
         data: batches for ``model(**batch)`` (dicts, e.g. from :func:`calibration_data`),
             ``model(batch)`` (tensors) or ``model(*batch)`` (tuples).
-        gram_dtype: dtype of each batch's ``XᵀX`` product (accumulation is always float64).
-            ``torch.float32`` is ~2x faster on CPU and accurate to ~1e-6 relative per batch.
+        gram_dtype: dtype of each batch's ``XᵀX`` product; the sum over batches is always
+            float64. The default float32 product is 2.5x faster on CPU than float64 (SmolLM2's
+            1536-wide inputs: 0.35 s vs 0.14 s per 2048 tokens) and accurate to ~1e-6 relative per
+            batch, far below the damping; pass ``torch.float64`` for fully float64 statistics.
         min_tokens_factor: warn when a layer saw fewer than ``factor · in_features`` tokens (its
             Gram matrix is then rank deficient; the weighted decomposition damps it).
 
@@ -436,7 +438,7 @@ def blockwise_input_stats(
     data: Iterable[Batch],
     on_block: Callable[[int, dict[str, InputStats]], None],
     *,
-    gram_dtype: torch.dtype = torch.float64,
+    gram_dtype: torch.dtype = torch.float32,
     min_tokens_factor: float = 1.0,
     progress: bool = False,
 ) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 
 from .training import Trainable, param_groups, set_trainable
 
-__all__ = ["DEFAULT_MAX_LENGTH", "HealReport", "fidelity", "heal", "sentence_embeddings"]
+__all__ = ["DEFAULT_MAX_LENGTH", "HealReport", "fidelity", "heal", "perplexity", "sentence_embeddings", "token_windows"]
 
 #: Tokens per text (longer texts are truncated) in :func:`heal`, :func:`fidelity` and
 #: :func:`sentence_embeddings`, so that a fidelity measured on its own matches heal's report.
@@ -145,6 +145,80 @@ def fidelity(
         a = sentence_embeddings(student, tokenizer, texts, batch_size=batch_size, max_length=max_length)
         b = sentence_embeddings(teacher, tokenizer, texts, batch_size=batch_size, max_length=max_length)
     return float((a * b).sum(-1).mean())
+
+
+def token_windows(tokenizer: Any, texts: Sequence[str], seq_len: int = 256, max_windows: int | None = None) -> torch.Tensor:
+    """``[N, seq_len]`` token ids: ``texts`` joined (EOS between texts when the tokenizer has one), cut into windows.
+
+    Raises:
+        ValueError: ``seq_len < 2``, or the texts hold fewer than ``seq_len`` tokens.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stream: list[int] = []
+    limit = None if max_windows is None else max_windows * seq_len
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        if limit is not None and len(stream) >= limit:
+            break
+    windows = len(stream) // seq_len if max_windows is None else min(len(stream) // seq_len, max_windows)
+    if windows == 0:
+        raise ValueError(f"the texts hold {len(stream)} tokens, fewer than one window of seq_len={seq_len}")
+    return torch.tensor(stream[: windows * seq_len], dtype=torch.long).view(windows, seq_len)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    seq_len: int = 256,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+) -> float:
+    """Perplexity of a causal LM on ``texts``: ``exp`` of the mean next-token loss.
+
+    The texts are joined and cut into non-overlapping windows of ``seq_len`` tokens
+    (:func:`token_windows`); every window is scored on its own (``seq_len - 1`` predictions each),
+    in eval mode (each module's mode is restored afterwards).
+
+    Raises:
+        ValueError: no texts, or fewer tokens than one window.
+        TypeError: the model returns no ``logits`` (not a language model).
+    """
+    if not texts:
+        raise ValueError("perplexity needs at least one text")
+    ids = token_windows(tokenizer, texts, seq_len, max_windows)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with _eval_mode(model):
+        for start in range(0, ids.shape[0], batch_size):
+            batch = ids[start : start + batch_size].to(device)
+            logits = _logits(model, batch)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(loss)
+            count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    kwargs: dict[str, Any] = {"input_ids": input_ids}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    out = model(**kwargs)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise TypeError(
+            f"{type(model).__name__} returned no logits: perplexity and logit distillation need a language model "
+            "(e.g. AutoModelForCausalLM), not a bare encoder; use fidelity for encoders"
+        )
+    return logits
 
 
 def heal(

@@ -7,6 +7,13 @@ Two sources, both offline:
   fragments; the count depends on the Python version);
 * :func:`everyday_sentences`: 80 everyday sentences written for this project
   (``mpolab/data/everyday_sentences.txt``), a different domain for held-out checks.
+
+And, when the optional ``gensim`` package is installed (its wheel ships the Lee news corpus as
+test data; ``pip install --no-deps gensim`` is enough, nothing of gensim is imported):
+
+* :func:`news_documents`: Australian news articles (Lee et al. 2005), 300 "background"
+  documents (~360 kB) and 50 disjoint "test" documents (~25 kB): long real English prose for
+  calibrating and measuring the perplexity of language models.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ from __future__ import annotations
 import random
 import re
 from functools import lru_cache
-from importlib import resources
+from importlib import resources, util
+from pathlib import Path
 
-__all__ = ["everyday_sentences", "reference_sentences", "train_eval_sentences"]
+__all__ = ["everyday_sentences", "news_documents", "reference_sentences", "train_eval_sentences"]
 
 _PROSE = re.compile(r"[A-Za-z][A-Za-z ,;:'()\-]+\.")
 
@@ -56,3 +64,30 @@ def train_eval_sentences(num_train: int = 400, num_eval: int = 60, seed: int = 0
     if num_train > len(train_pool):
         raise ValueError(f"num_train={num_train} exceeds the {len(train_pool)} sentences available")
     return train_pool[:num_train], eval_set
+
+
+_LEE_FILES = {"background": "lee_background.cor", "test": "lee.cor"}
+
+
+@lru_cache(maxsize=2)
+def news_documents(split: str = "background") -> tuple[str, ...]:
+    """The Lee news corpus shipped in ``gensim``'s wheel: one article per entry.
+
+    Args:
+        split: ``"background"`` (300 articles, for calibration and healing) or ``"test"``
+            (50 other articles, for held-out perplexity). No article or sentence is in both.
+
+    Raises:
+        ValueError: an unknown split.
+        ImportError: ``gensim`` is not installed (``pip install --no-deps gensim``).
+    """
+    if split not in _LEE_FILES:
+        raise ValueError(f"split must be one of {sorted(_LEE_FILES)}, got {split!r}")
+    spec = util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("news_documents needs the gensim wheel's test data: pip install --no-deps gensim")
+    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / _LEE_FILES[split]
+    if not path.is_file():
+        raise ImportError(f"gensim is installed but {path} is missing (a wheel without test data?)")
+    text = path.read_text(encoding="latin-1")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
