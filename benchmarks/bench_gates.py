@@ -61,6 +61,7 @@ from mpolab_moe.gates.avg_k import AvgKGate  # noqa: E402
 from mpolab_moe.gates.top_any import TopAnyGate  # noqa: E402
 from mpolab_moe.gates.top_k import TopKGate  # noqa: E402
 from mpolab_moe.layer import MoE  # noqa: E402
+from mpolab_moe.experts.base import FFNWeights
 
 D_MODEL, D_FF, NUM_EXPERTS, K = 768, 3072, 16, 4
 
@@ -70,7 +71,10 @@ def build_ffn(device: torch.device) -> tuple[nn.Sequential, SlicedExperts]:
     up, down = nn.Linear(D_MODEL, D_FF), nn.Linear(D_FF, D_MODEL)
     groups = torch.randperm(D_FF).view(NUM_EXPERTS, D_FF // NUM_EXPERTS)
     bank = SlicedExperts.from_ffn(
-        up.weight.detach(), down.weight.detach(), groups, b1=up.bias.detach(), b2=down.bias.detach(), activation="relu"
+        FFNWeights(
+            up.weight.detach(), down.weight.detach(), b1=up.bias.detach(), b2=down.bias.detach(), activation="relu"
+        ),
+        groups,
     )
     return nn.Sequential(up, nn.ReLU(), down).to(device), bank.to(device)
 
@@ -118,7 +122,7 @@ def build_layers(dense: nn.Sequential, bank: SlicedExperts, device: torch.device
 
     up, down = dense[0], dense[2]
     copies = DenseExperts.from_ffn(
-        up.weight.detach(), down.weight.detach(), NUM_EXPERTS, b1=up.bias.detach(), b2=down.bias.detach()
+        FFNWeights(up.weight.detach(), down.weight.detach(), b1=up.bias.detach(), b2=down.bias.detach()), NUM_EXPERTS
     )
     layers: dict[str, nn.Module] = {
         "dense FFN": dense,

@@ -48,6 +48,8 @@ from _common import (  # noqa: E402
 )
 
 from mpolab_moe import DenseExperts, MoE, TopKGate, aux_loss  # noqa: E402
+from mpolab_moe.experts.base import FFNWeights
+from mpolab import TruncationOptions
 
 D_MODEL, D_FF, NUM_EXPERTS = 768, 3072, 8
 
@@ -122,13 +124,15 @@ def build(tokens: int, max_rank: int | None, device: torch.device) -> tuple[dict
     else:
         for label, rank in (("MPOE, exact ranks", None), (f"MPOE, max_rank {max_rank}", max_rank)):
             experts = MPOExperts.from_ffn(
-                up.weight.detach(),
-                down.weight.detach(),
+                FFNWeights(
+                    up.weight.detach(),
+                    down.weight.detach(),
+                    b1=up.bias.detach(),
+                    b2=down.bias.detach(),
+                    activation="relu",
+                ),
                 NUM_EXPERTS,
-                b1=up.bias.detach(),
-                b2=down.bias.detach(),
-                activation="relu",
-                max_rank=rank,
+                options=TruncationOptions(max_rank=rank),
             )
             modules[label] = MoE(TopKGate(D_MODEL, NUM_EXPERTS, k=1, weighting="one"), experts)
     return {k: m.to(device) for k, m in modules.items()}, info

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from mpolab.demo import load_minilm
 from mpolab.heal import sentence_embeddings
 from mpolab.text import train_eval_sentences
-from mpolab_moe.convert import FFN, find_ffns
+from mpolab_moe.ffn import FFN, find_ffns
 from mpolab_moe.experts.sliced import SlicedExperts
 from mpolab_moe.gates.moefication import (
     GroundTruthGate,
@@ -144,10 +144,7 @@ def main() -> None:
     rows = []
     for split_name, split in split_methods(E, args.coact_tokens).items():
         t0 = time.perf_counter()
-        banks = [
-            SlicedExperts.from_ffn(f.w1, f.w2, split(f, h, E), b1=f.b1, b2=f.b2, activation=f.activation)
-            for f, h in zip(ffns, train_h)
-        ]
+        banks = [SlicedExperts.from_ffn(f, split(f, h, E)) for f, h in zip(ffns, train_h)]
         split_s = time.perf_counter() - t0
         routers: dict[str, tuple[list[nn.Module], float]] = {}
         t0 = time.perf_counter()
@@ -171,7 +168,7 @@ def main() -> None:
             print(f"  {split_name:19s} {router_name:13s} cosine {cosine:.4f}  mass {mass:.3f}", flush=True)
 
     # references: all experts selected gives the dense model back; no expert at all keeps only b2
-    banks = [SlicedExperts.from_ffn(f.w1, f.w2, random_split(f.d_ff, E), b1=f.b1, b2=f.b2, activation=f.activation)
+    banks = [SlicedExperts.from_ffn(f, random_split(f.d_ff, E))
              for f in ffns]  # fmt: skip
     references = {}
     for name, make_gate in (("all", lambda b: GroundTruthGate(b, E)), ("none", NoExpert)):

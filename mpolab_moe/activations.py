@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "get_activation"]
+__all__ = ["ACTIVATIONS", "Activation", "activation_name", "get_activation"]
+
+#: An activation given by name (a key of :data:`ACTIVATIONS`) or as a callable.
+Activation = str | Callable[[Tensor], Tensor]
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
@@ -34,7 +37,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def get_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+def get_activation(activation: Activation) -> Callable[[Tensor], Tensor]:
     """The callable for ``activation`` (a name from :data:`ACTIVATIONS` or a callable)."""
     if callable(activation):
         return activation
@@ -44,3 +47,8 @@ def get_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable[[Te
         return ACTIVATIONS[activation]
     except KeyError:
         raise ValueError(f"unknown activation {activation!r}; valid: {sorted(ACTIVATIONS)} or a callable") from None
+
+
+def activation_name(activation: Activation) -> str:
+    """The name to show for ``activation``: itself for a name, the callable's ``__name__`` (or ``"custom"``)."""
+    return activation if isinstance(activation, str) else getattr(activation, "__name__", "custom")

@@ -7,11 +7,60 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .experts.base import ExpertBank
-from .gates.base import Gate
+from .experts.base import Capability, ExpertBank
+from .gates.base import BankBoundGate, Gate
 from .routing import Routing, RoutingStats
 
-__all__ = ["MoE", "aux_loss", "moe_layers"]
+__all__ = ["MoE", "aux_loss", "check_pair", "moe_layers"]
+
+
+def check_pair(gate: Gate, experts: ExpertBank, *, capacity_factor: float | None = None) -> None:
+    """Refuse a gate/bank pair that cannot work, naming both and the reason.
+
+    Checks: ``gate`` is a :class:`~mpolab_moe.gates.base.Gate` and ``experts`` an
+    :class:`~mpolab_moe.experts.base.ExpertBank`; they agree on ``E`` and ``d``; the bank has every
+    capability ``gate.requires()``; ``capacity_factor`` is ``None`` or ``> 0``, and ``None`` for a
+    soft gate (capacity limits the tokens each expert takes, while soft routing gives every token
+    to every expert: there is nothing to drop, and a cap would silently turn soft merging off).
+
+    Raises:
+        TypeError: not a gate / not a bank / a missing capability.
+        ValueError: sizes that disagree, a bad ``capacity_factor``, capacity with a soft gate.
+
+    Example:
+        >>> check_pair(AvgKGate(16, 4, k=2), DenseExperts(16, 32, 4))
+        Traceback (most recent call last):
+        TypeError: AvgKGate cannot route DenseExperts: the gate needs KEYS, which DenseExperts lacks ...
+    """
+    if not isinstance(gate, Gate):
+        raise TypeError(
+            f"gate must be a Gate (TopKGate, AvgKGate, TopAnyGate, SoftMergeGate, ...), got {type(gate).__name__}"
+        )
+    if not isinstance(experts, ExpertBank):
+        raise TypeError(
+            f"experts must be an ExpertBank (DenseExperts, MPOExperts, ...), got {type(experts).__name__}"
+        )
+    g, b = type(gate).__name__, type(experts).__name__
+    if gate.num_experts != experts.num_experts:
+        raise ValueError(f"{g} routes to {gate.num_experts} experts but the bank has {experts.num_experts}")
+    if gate.d_model != experts.in_features:
+        raise ValueError(f"{g} expects d_model={gate.d_model} but the experts take {experts.in_features}")
+    missing = gate.requires() - experts.capabilities
+    if missing:
+        names = ", ".join(sorted(c.name for c in missing))
+        has = ", ".join(sorted(c.name for c in experts.capabilities)) or "none"
+        raise TypeError(
+            f"{g} cannot route {b}: the gate needs {names}, which {b} lacks (its capabilities: {has}); "
+            "use a bank that has them (SlicedExperts has KEYS and NEURON_GROUPS)"
+        )
+    if capacity_factor is not None:
+        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be None (dropless) or a number > 0, got {capacity_factor!r}")
+        if gate.soft:
+            raise ValueError(
+                f"capacity_factor={capacity_factor} with the soft gate {g}: soft routing gives every token to every "
+                "expert, so a capacity would drop merges at random; leave capacity_factor=None"
+            )
 
 
 class MoE(nn.Module):
@@ -24,7 +73,12 @@ class MoE(nn.Module):
     ``capacity_factor`` each expert takes at most ``ceil(k * capacity_factor * T / E)`` assignments
     (GShard: earlier choices and earlier tokens first) and the rest are dropped: their
     contribution is zero, so with a residual connection around the layer the token passes through
-    unchanged. Soft routing (MoV, MoLoRA) goes to the bank's ``forward_soft`` when it has one.
+    unchanged. Soft routing (MoV, MoLoRA) goes to the bank's ``forward_soft`` when it has one
+    (``Capability.SOFT``), else every expert runs on every token; it takes no capacity.
+
+    The pair is checked when the layer is built (:func:`check_pair`): a gate that needs a bank
+    capability the bank lacks is refused with the reason. A
+    :class:`~mpolab_moe.gates.base.BankBoundGate` is then bound to the bank.
 
     After each forward, :attr:`aux_loss` holds the gate's weighted auxiliary losses (a scalar
     tensor with gradient, or ``None``) and :attr:`last_stats` a :class:`RoutingStats`.
@@ -32,7 +86,7 @@ class MoE(nn.Module):
     Args:
         gate: a :class:`~mpolab_moe.gates.base.Gate`.
         experts: an :class:`~mpolab_moe.experts.base.ExpertBank` with the gate's ``num_experts``.
-        capacity_factor: ``None`` (dropless) or ``> 0``.
+        capacity_factor: ``None`` (dropless) or ``> 0`` (sparse gates only).
 
     Example:
         >>> layer = MoE(TopKGate(768, 8, k=1), DenseExperts(768, 3072, 8))    # Switch
@@ -43,20 +97,10 @@ class MoE(nn.Module):
 
     def __init__(self, gate: Gate, experts: ExpertBank, *, capacity_factor: float | None = None) -> None:
         super().__init__()
-        if not isinstance(gate, nn.Module) or not callable(getattr(gate, "forward", None)):
-            raise TypeError(f"gate must be a Gate module, got {type(gate).__name__}")
-        if not isinstance(experts, ExpertBank):
-            raise TypeError(
-                f"experts must be an ExpertBank (DenseExperts, MPOExperts, ...), got {type(experts).__name__}"
-            )
-        if gate.num_experts != experts.num_experts:
-            raise ValueError(f"gate routes to {gate.num_experts} experts but the bank has {experts.num_experts}")
-        if gate.d_model != experts.in_features:
-            raise ValueError(f"gate expects d_model={gate.d_model} but the experts take {experts.in_features}")
-        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
-            raise ValueError(f"capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}")
+        check_pair(gate, experts, capacity_factor=capacity_factor)
         self.gate, self.experts, self.capacity_factor = gate, experts, capacity_factor
-        gate.bind(experts)
+        if isinstance(gate, BankBoundGate):
+            gate.bind(experts)
         self.aux_loss: Tensor | None = None
         self.last_stats: RoutingStats | None = None
         self.last_routing: Routing | None = None
@@ -77,7 +121,7 @@ class MoE(nn.Module):
                 f"{type(self.gate).__name__} routed {routing.num_tokens} tokens over {routing.num_experts} experts; "
                 f"expected {tokens.shape[0]} over {self.num_experts}"
             )
-        if routing.is_soft and self.experts.supports_soft and self.capacity_factor is None:
+        if routing.is_soft and self.experts.has(Capability.SOFT):
             out = self._soft(tokens, routing)
         else:
             out = self._sparse(tokens, routing.as_sparse())
@@ -91,7 +135,7 @@ class MoE(nn.Module):
     def _soft(self, tokens: Tensor, routing: Routing) -> Tensor:
         weight = routing.soft_weight
         assert weight is not None
-        out = self.experts.forward_soft(tokens, weight)
+        out = self.experts.forward_soft(tokens, weight)  # type: ignore[attr-defined]
         used = (weight != 0).sum(0).detach()
         self._record(routing, used, dropped=0, without=int((weight == 0).all(-1).sum()))
         return out

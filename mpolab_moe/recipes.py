@@ -1,8 +1,8 @@
 """The published recipes as ``moefy`` methods: ``"moefication"``, ``"emoe"`` and ``"dynmoe"``.
 
-Importing this module registers the three with :func:`mpolab_moe.convert.register_method`
-(:func:`~mpolab_moe.convert.moefy` imports it by itself). Each builder turns one
-:class:`~mpolab_moe.convert.FFN` into an :class:`~mpolab_moe.MoE` with its paper's defaults; every
+Importing this module registers the three with :func:`mpolab_moe.registry.register_method`
+(``import mpolab_moe`` imports it). Each builder turns one
+:class:`~mpolab_moe.ffn.FFN` into an :class:`~mpolab_moe.MoE` with its paper's defaults; every
 default can be overridden through ``moefy``'s keyword arguments. ``docs/methods.md`` puts the three
 side by side.
 
@@ -30,12 +30,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .convert import FFN, register_method
+from mpolab.utils import check_fraction, check_positive_int
+
 from .experts.dense import DenseExperts
 from .experts.sliced import SlicedExperts
+from .ffn import FFN
 from .gates.avg_k import AvgKGate
+from .gates.base import Gate, check_k
+from .gates.moefication import GroundTruthGate, MLPGate, SimilarityGate, train_mlp_gate
 from .gates.top_any import TopAnyGate
 from .layer import MoE
+from .registry import register_method
 from .split import balanced_kmeans, coactivation_split, contiguous_split, random_split
 
 __all__ = [
@@ -120,7 +125,7 @@ def split_ffn(
     """Cut ``ffn`` into a :class:`~mpolab_moe.experts.sliced.SlicedExperts` bank of ``num_experts`` groups.
 
     Args:
-        ffn: the FFN (from :func:`~mpolab_moe.convert.find_ffns`).
+        ffn: the FFN (from :func:`~mpolab_moe.ffn.find_ffns`).
         num_experts: ``E``, must divide ``F``.
         split: ``"kmeans"`` (balanced k-means on the normalised key rows: ``W1``, or the gate
             projection of a gated FFN), ``"random"``, ``"contiguous"``, ``"coactivation"`` (needs
@@ -148,17 +153,7 @@ def split_ffn(
         )
     else:
         raise ValueError(f"unknown split {split!r}; valid: {SPLITS} or a groups tensor [E, F/E]")
-    return SlicedExperts.from_ffn(
-        ffn.w1,
-        ffn.w2,
-        groups.to(ffn.w1.device),
-        b1=ffn.b1,
-        b2=ffn.b2,
-        w_gate=ffn.w_gate,
-        activation=ffn.activation,
-        bias_mode=bias_mode,
-        bias_k=bias_k,
-    )
+    return SlicedExperts.from_ffn(ffn, groups.to(ffn.w1.device), bias_mode=bias_mode, bias_k=bias_k)
 
 
 def _finish(moe: MoE, ffn: FFN) -> MoE:
@@ -166,12 +161,6 @@ def _finish(moe: MoE, ffn: FFN) -> MoE:
     moe.to(device=ffn.w1.device, dtype=ffn.w1.dtype)
     moe.train(ffn.module.training)
     return moe
-
-
-def _check_int(name: str, value: object, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def _per_stack(num_layers: int, family: str, pick) -> list[int]:  # noqa: ANN001 - (n) -> list[int]
@@ -200,9 +189,7 @@ def dynmoe_layers(num_layers: int, family: str) -> list[int]:
 
 def _moefication_router(
     name: str, bank: SlicedExperts, k: int, hidden: Tensor | None, router_options: Mapping[str, Any]
-) -> torch.nn.Module:
-    from .gates import moefication as routers  # noqa: PLC0415 - optional module, written alongside
-
+) -> Gate:
     if name == "mlp" and hidden is None:
         warnings.warn(
             "router='mlp' is trained on the FFN's recorded inputs; no hidden_states were given, so the "
@@ -213,13 +200,13 @@ def _moefication_router(
     if name in ("similarity", "ground_truth") and router_options:
         raise ValueError(f"router={name!r} takes no router_options, got {sorted(router_options)}")
     if name == "similarity":
-        return routers.SimilarityGate(bank, k=k)
+        return SimilarityGate(bank, k=k)
     if name == "ground_truth":
-        return routers.GroundTruthGate(bank, k=k)
+        return GroundTruthGate(bank, k=k)
     if name == "mlp":
         assert hidden is not None
-        gate = routers.MLPGate.from_bank(bank, k=k)
-        routers.train_mlp_gate(gate, bank, hidden.to(bank.w1.device), **router_options)
+        gate = MLPGate.from_bank(bank, k=k)
+        train_mlp_gate(gate, bank, hidden.to(bank.w1.device), **router_options)
         return gate
     raise ValueError(f"unknown router {name!r}; valid: 'similarity', 'mlp', 'ground_truth'")
 
@@ -268,15 +255,14 @@ def build_moefication(
         raise ValueError(f"MoEfication's experts are slices of the FFN: experts must be 'sliced', got {experts!r}")
     router = gate if gate is not None else router
     if num_experts is None:
-        E = max(1, ffn.d_ff // _check_int("expert_size", expert_size))
+        E = max(1, ffn.d_ff // check_positive_int(expert_size, "expert_size"))
     else:
-        E = _check_int("num_experts", num_experts)
+        E = check_positive_int(num_experts, "num_experts")
     if k is None:
-        if not isinstance(k_ratio, (int, float)) or not 0 < k_ratio <= 1:
-            raise ValueError(f"k_ratio must be in (0, 1], got {k_ratio!r}")
+        if k_ratio != 1:
+            check_fraction(k_ratio, "k_ratio")
         k = max(1, min(E, round(k_ratio * E)))
-    if _check_int("k", k) > E:
-        raise ValueError(f"k={k} exceeds num_experts={E}; valid: 1 <= k <= num_experts")
+    k = check_k(k, E)
     hidden = _hidden_for(ffn, hidden_states)
     bank = split_ffn(ffn, E, split, hidden_states=hidden, seed=seed, bias_mode=bias_mode, bias_k=k)
     gate_module = _moefication_router(router, bank, k, hidden, router_options or {})
@@ -331,9 +317,9 @@ def build_emoe(
     if gate not in (None, "avg_k"):
         raise ValueError(f"EMoE uses the avg-k gate: gate must be 'avg_k' (or not given), got {gate!r}")
     gated = ffn.w_gate is not None
-    E = _check_int(
-        "num_experts",
+    E = check_positive_int(
         EMOE_DEFAULTS["num_experts_gated" if gated else "num_experts"] if num_experts is None else num_experts,
+        "num_experts",
     )
     if k is None:
         k = min(E, EMOE_DEFAULTS["k_gated" if gated else "k"])
@@ -391,12 +377,10 @@ def build_dynmoe(
     """
     if gate not in (None, "top_any"):
         raise ValueError(f"DynMoE uses the top-any gate: gate must be 'top_any' (or not given), got {gate!r}")
-    M = _check_int("num_experts", DYNMOE_DEFAULTS["num_experts"] if num_experts is None else num_experts)
+    M = check_positive_int(DYNMOE_DEFAULTS["num_experts"] if num_experts is None else num_experts, "num_experts")
     active = max(1, M // 2) if num_active is None else num_active
     if experts == "dense":
-        bank = DenseExperts.from_ffn(
-            ffn.w1, ffn.w2, M, b1=ffn.b1, b2=ffn.b2, w_gate=ffn.w_gate, activation=ffn.activation
-        )
+        bank = DenseExperts.from_ffn(ffn, M)
     elif experts == "sliced":
         bank = split_ffn(ffn, M, split, hidden_states=_hidden_for(ffn, hidden_states), seed=seed)
     else:

@@ -8,6 +8,7 @@ from mpolab_moe.experts.dense import DenseExperts
 from mpolab_moe.experts.sliced import SlicedExperts
 from mpolab_moe.gates.avg_k import AvgKGate, refresh_avg_k_gates
 from mpolab_moe.layer import MoE
+from mpolab_moe.experts.base import FFNWeights
 
 D, FF, E = 16, 64, 8
 
@@ -32,7 +33,8 @@ def dense(ffn: dict[str, torch.Tensor | None], x: torch.Tensor, act=F.relu) -> t
 def sliced(ffn: dict[str, torch.Tensor | None], activation: str = "relu", **kw: object) -> SlicedExperts:
     groups = torch.randperm(FF, generator=torch.Generator().manual_seed(3)).view(E, FF // E)
     return SlicedExperts.from_ffn(
-        ffn["w1"], ffn["w2"], groups, b1=ffn["b1"], b2=ffn["b2"], w_gate=ffn["w_gate"], activation=activation, **kw
+        FFNWeights(ffn["w1"], ffn["w2"], b1=ffn["b1"], b2=ffn["b2"], w_gate=ffn["w_gate"], activation=activation, **kw),
+        groups,
     )
 
 
@@ -120,7 +122,7 @@ def test_bad_inputs_raise() -> None:
         AvgKGate(D, E, k=9)
     with pytest.raises(ValueError, match="score"):
         AvgKGate(D, E, k=2, score="gate")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="keys"):
+    with pytest.raises(TypeError, match="AvgKGate cannot route DenseExperts: the gate needs KEYS"):
         MoE(AvgKGate(D, E, k=2), DenseExperts(D, 8, E))
     with pytest.raises(ValueError, match="no keys"):
         AvgKGate(D, E, k=2)(torch.randn(3, D))

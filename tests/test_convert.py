@@ -3,8 +3,10 @@ import torch
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 
-from mpolab_moe import convert
-from mpolab_moe.convert import FFN, MoEWithDropout, find_ffns, moefy, register_method, upcycle
+from mpolab_moe.convert import moefy
+from mpolab_moe.ffn import FFN, MoEWithDropout, find_ffns
+from mpolab_moe.registry import register_method, registered_methods, unregister_method
+from mpolab_moe.upcycle import EXACT_TOL, upcycle
 from mpolab_moe.experts.dense import DenseExperts
 from mpolab_moe.layer import MoE, aux_loss, moe_layers
 
@@ -131,8 +133,9 @@ def test_truncation_reports_errors_and_changes_outputs():
     with torch.no_grad():
         after = main_output(model, model(**inputs))
     assert (after - before).abs().max() > 1e-3
-    for moe in moe_layers(model).values():
-        assert not moe.upcycle_report.exact_at_init
+    assert report.max_error > EXACT_TOL
+    _, up = upcycle(find_ffns(FAMILIES["gpt2"]())[0], 4, experts="mpo", rel_tol=0.3, return_report=True)
+    assert not up.exact_at_init
 
 
 def test_aux_loss_is_a_positive_scalar_with_grad_after_a_train_forward():
@@ -155,21 +158,23 @@ def test_upcycle_bare_modules_and_weightings():
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         expected = ffn_module(x)
-        top1 = upcycle(ffn_module, 4, experts="dense")
-        top2 = upcycle(ffn_module, 4, experts="dense", gate="top2")  # default "prob", renormalised
-        top1_prob = upcycle(ffn_module, 4, experts="dense", weighting="prob")
+        top1, r1 = upcycle(ffn_module, 4, experts="dense", return_report=True)
+        top2, r2 = upcycle(ffn_module, 4, experts="dense", gate="top2", return_report=True)  # "prob", renormalised
+        top1_prob, r1p = upcycle(ffn_module, 4, experts="dense", weighting="prob", return_report=True)
         with pytest.warns(UserWarning, match="2x the FFN"):
-            top2_one = upcycle(ffn_module, 4, experts="dense", gate="top2", weighting="one")
+            top2_one, r2o = upcycle(ffn_module, 4, experts="dense", gate="top2", weighting="one", return_report=True)
         torch.testing.assert_close(top1(x), expected)
         torch.testing.assert_close(top2(x), expected)
         torch.testing.assert_close(top2_one(x), 2 * expected)
         assert not torch.allclose(top1_prob(x), expected)
-    assert top1.upcycle_report.exact_at_init and top2.upcycle_report.exact_at_init
-    assert not top1_prob.upcycle_report.exact_at_init and not top2_one.upcycle_report.exact_at_init
-    assert not upcycle(ffn_module, 4, experts="dense", capacity_factor=1.0).upcycle_report.exact_at_init
-    assert upcycle(ffn_module, 4, experts="dense", capacity_factor=4.0).upcycle_report.exact_at_init
-    r = top1.upcycle_report
-    assert (r.params_before, r.params_after) == (4096, 4 * 4096 + 4 * 32)
+    assert isinstance(upcycle(ffn_module, 4, experts="dense"), MoE)  # the layer alone by default
+    assert not hasattr(top1, "upcycle_report")
+    assert r1.exact_at_init and r2.exact_at_init
+    assert not r1p.exact_at_init and not r2o.exact_at_init
+    assert not upcycle(ffn_module, 4, experts="dense", capacity_factor=1.0, return_report=True)[1].exact_at_init
+    assert upcycle(ffn_module, 4, experts="dense", capacity_factor=4.0, return_report=True)[1].exact_at_init
+    assert (r1.params_before, r1.params_after) == (4096, 4 * 4096 + 4 * 32)
+    assert r1.reconstruction_error == {"w1": 0.0, "w2": 0.0}
 
 
 def test_upcycle_llama_mlp_and_sequential_keep_dtype_and_mode():
@@ -209,8 +214,8 @@ def test_moefy_by_name_selects_blocks_and_sequentials():
         torch.testing.assert_close(model["ffn"](x), before)
 
 
-def test_registered_methods_get_their_default_layers_and_only_given_options(monkeypatch):
-    monkeypatch.setattr(convert, "_METHODS", dict(convert._METHODS))
+def test_registered_methods_get_their_default_layers_and_only_given_options(request):
+    request.addfinalizer(lambda: unregister_method("last-only"))
     seen = []
 
     def builder(ffn, **kwargs):
@@ -224,7 +229,7 @@ def test_registered_methods_get_their_default_layers_and_only_given_options(monk
     assert [r.method for r in report.layers] == ["last-only"] and report.layers[0].num_experts == 2
     moefy(model, layers=[0], method="last-only", num_experts=3)
     assert seen[-1] == ("model.layers.0.mlp", {"num_experts": 3})
-    assert "last-only" in convert.registered_methods() and "upcycle" in convert.registered_methods()
+    assert "last-only" in registered_methods() and "upcycle" in registered_methods()
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -251,7 +256,7 @@ def test_bad_inputs_raise_clear_errors():
         upcycle(ffn, 4, gate="topk")
     with pytest.raises(ValueError, match="gate='top1' routes to 1 experts but k=2"):
         upcycle(ffn, 4, gate="top1", k=2)
-    with pytest.raises(ValueError, match="unknown experts 'lora'"):
+    with pytest.raises(ValueError, match="experts must be one of 'mpo', 'dense'; got 'lora'"):
         upcycle(ffn, 4, experts="lora")
     with pytest.raises(ValueError, match="unknown gate 'top3'"):
         upcycle(ffn, 4, gate="top3")

@@ -7,6 +7,7 @@ from torch import nn
 from mpolab_moe import MoE, TopKGate
 from mpolab_moe.experts.mpo import MPOExperts
 from mpolab_moe.grad_mask import GradientMask
+from mpolab_moe.experts.base import FFNWeights
 
 
 class FixedGate(TopKGate):
@@ -24,7 +25,9 @@ class FixedGate(TopKGate):
 
 
 def make_model(experts=(0, 2)):
-    bank = MPOExperts.from_ffn(torch.randn(32, 8), torch.randn(8, 32), 4, b1=torch.randn(32), b2=torch.randn(8))
+    bank = MPOExperts.from_ffn(
+        FFNWeights(torch.randn(32, 8), torch.randn(8, 32), b1=torch.randn(32), b2=torch.randn(8)), 4
+    )
     return nn.Sequential(MoE(FixedGate(8, 4, list(experts)), bank)), bank
 
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpolab_moe import DenseExperts, ExpertBank, Gate, MoE, Routing, TopKGate, aux_loss, moe_layers
+from mpolab_moe import Capability, DenseExperts, ExpertBank, Gate, MoE, Routing, TopKGate, aux_loss, moe_layers
+from mpolab_moe.experts.base import FFNWeights
 
 
 def reference(bank: DenseExperts, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -113,6 +114,8 @@ def test_aux_loss_is_zero_without_moe():
 class MeanSoftBank(ExpertBank):
     """Linear experts that merge their weights under soft routing (like MoLoRA/MoV do)."""
 
+    capabilities = frozenset({Capability.SOFT})
+
     def __init__(self, d, E):
         super().__init__()
         self.num_experts, self.in_features, self.out_features = E, d, d
@@ -130,6 +133,8 @@ class MeanSoftBank(ExpertBank):
 
 
 class SoftGate(Gate):
+    soft = True
+
     def __init__(self, d, E):
         super().__init__()
         self.num_experts, self.d_model = E, d
@@ -143,11 +148,39 @@ def test_soft_routing_uses_forward_soft_and_equals_sparse_over_all_experts():
     torch.manual_seed(0)
     bank, gate = MeanSoftBank(6, 3), SoftGate(6, 3)
     x = torch.randn(5, 6)
-    soft = MoE(gate, bank)(x)
+    soft_layer = MoE(gate, bank)
+    soft = soft_layer(x)
     assert bank.soft_calls == 1
-    sparse = MoE(gate, bank, capacity_factor=100.0)(x)  # capacity forces the sparse path
-    assert bank.soft_calls == 1
+    assert soft_layer.last_stats.tokens_per_expert.tolist() == [5, 5, 5]
+
+    class NoSoft(MeanSoftBank):  # the same experts without the capability: every expert on every token
+        capabilities = frozenset()
+
+    plain = NoSoft(6, 3)
+    plain.load_state_dict(bank.state_dict())
+    sparse = MoE(gate, plain)(x)
+    assert plain.soft_calls == 0
     torch.testing.assert_close(soft, sparse, atol=1e-5, rtol=1e-5)
+
+
+def test_capacity_with_a_soft_gate_is_refused_at_construction():
+    with pytest.raises(ValueError, match="capacity_factor=2.0 with the soft gate SoftGate"):
+        MoE(SoftGate(6, 3), MeanSoftBank(6, 3), capacity_factor=2.0)
+
+
+def test_a_bank_declaring_a_capability_must_implement_it():
+    with pytest.raises(TypeError, match="declares SOFT but has no forward_soft"):
+
+        class Liar(ExpertBank):
+            capabilities = frozenset({Capability.SOFT})
+
+            def forward(self, x, counts):
+                return x
+
+
+def test_only_real_gates_and_banks_are_accepted():
+    with pytest.raises(TypeError, match="gate must be a Gate"):
+        MoE(nn.Linear(8, 4), DenseExperts(8, 16, 4))
 
 
 def test_output_bias_is_added_once_per_token():
@@ -193,12 +226,12 @@ def test_bad_construction_and_inputs():
 def test_dense_experts_from_ffn_equals_the_ffn():
     torch.manual_seed(0)
     up, down = nn.Linear(8, 24), nn.Linear(24, 8)
-    bank = DenseExperts.from_ffn(up.weight, down.weight, 3, b1=up.bias, b2=down.bias, activation="gelu")
+    bank = DenseExperts.from_ffn(FFNWeights(up.weight, down.weight, b1=up.bias, b2=down.bias, activation="gelu"), 3)
     layer = MoE(TopKGate(8, 3, k=1, weighting="one"), bank)
     x = torch.randn(10, 8)
     torch.testing.assert_close(layer(x), down(F.gelu(up(x))), atol=1e-6, rtol=1e-5)
     gate_proj = nn.Linear(8, 24, bias=False)
-    gated = DenseExperts.from_ffn(up.weight, down.weight, 2, w_gate=gate_proj.weight, activation="silu")
+    gated = DenseExperts.from_ffn(FFNWeights(up.weight, down.weight, w_gate=gate_proj.weight, activation="silu"), 2)
     y = MoE(TopKGate(8, 2, k=2, weighting="one", normalize=False), gated)(x)
     torch.testing.assert_close(
         y, 2 * F.linear(F.silu(gate_proj(x)) * F.linear(x, up.weight), down.weight), atol=1e-5, rtol=1e-5

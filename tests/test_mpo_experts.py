@@ -7,7 +7,10 @@ import torch.nn.functional as F
 import mpolab
 from mpolab_moe import MoE, TopKGate
 from mpolab_moe.experts.dense import DenseExperts
-from mpolab_moe.experts.mpo import MPOExperts, SharedCentralMPO, mpoe_param_ratio
+from mpolab_moe.experts.mpo import MPOExperts, mpoe_param_ratio
+from mpolab_moe.experts.shared_central import SharedCentralMPO
+from mpolab_moe.experts.base import FFNWeights
+from mpolab import TruncationOptions
 
 
 def _perturb_experts(bank: MPOExperts, scale: float = 0.1) -> None:
@@ -41,7 +44,7 @@ def test_upcycled_experts_equal_the_ffn_at_exact_ranks(gated):
     wg = torch.randn(96, 24, dtype=torch.float64) if gated else None
     b1, b2 = (None, None) if gated else (torch.randn(96, dtype=torch.float64), torch.randn(24, dtype=torch.float64))
     act = "silu" if gated else "gelu"
-    bank = MPOExperts.from_ffn(w1, w2, 4, b1=b1, b2=b2, w_gate=wg, activation=act)
+    bank = MPOExperts.from_ffn(FFNWeights(w1, w2, b1=b1, b2=b2, w_gate=wg, activation=act), 4)
     assert set(bank.reconstruction_error) == ({"w1", "w2", "w_gate"} if gated else {"w1", "w2"})
     assert max(bank.reconstruction_error.values()) < 1e-12
     x = torch.randn(13, 24, dtype=torch.float64)
@@ -54,11 +57,11 @@ def test_upcycled_experts_equal_the_ffn_at_exact_ranks(gated):
 
 def test_truncation_reports_error_and_shrinks_parameters():
     w1, w2 = torch.randn(256, 64), torch.randn(64, 256)
-    exact = MPOExperts.from_ffn(w1, w2, 8)
-    small = MPOExperts.from_ffn(w1, w2, 8, max_rank=4)
+    exact = MPOExperts.from_ffn(FFNWeights(w1, w2), 8)
+    small = MPOExperts.from_ffn(FFNWeights(w1, w2), 8, options=TruncationOptions(max_rank=4))
     assert all(0.05 < err < 1 for err in small.reconstruction_error.values())
     assert small.num_params < exact.num_params < exact.dense_equivalent_params
-    tol = MPOExperts.from_ffn(w1, w2, 8, rel_tol=0.5)
+    tol = MPOExperts.from_ffn(FFNWeights(w1, w2), 8, options=TruncationOptions(rel_tol=0.5))
     assert all(err <= 0.5 + 1e-6 for err in tol.reconstruction_error.values())
 
 
@@ -78,13 +81,15 @@ def test_both_paths_match_per_expert_reference(num_cores, shape):
 
 def test_bank_matches_naive_reference_after_experts_diverge():
     bank = MPOExperts.from_ffn(
-        torch.randn(64, 16, dtype=torch.float64),
-        torch.randn(16, 64, dtype=torch.float64),
+        FFNWeights(
+            torch.randn(64, 16, dtype=torch.float64),
+            torch.randn(16, 64, dtype=torch.float64),
+            b1=torch.randn(64, dtype=torch.float64),
+            b2=torch.randn(16, dtype=torch.float64),
+            activation="relu",
+        ),
         3,
-        b1=torch.randn(64, dtype=torch.float64),
-        b2=torch.randn(16, dtype=torch.float64),
-        activation="relu",
-        num_cores=3,
+        options=TruncationOptions(num_cores=3),
     )
     _perturb_experts(bank)
     x, counts = torch.randn(11, 16, dtype=torch.float64), [2, 7, 2]
@@ -159,22 +164,24 @@ def test_central_is_one_shared_parameter_and_freezing():
 
 
 def test_inside_moe_trains_and_half_precision_runs():
-    bank = MPOExperts.from_ffn(torch.randn(64, 16), torch.randn(16, 64), 4, max_rank=8)
+    bank = MPOExperts.from_ffn(
+        FFNWeights(torch.randn(64, 16), torch.randn(16, 64)), 4, options=TruncationOptions(max_rank=8)
+    )
     layer = MoE(TopKGate(16, 4, k=2), bank)
     y = layer(torch.randn(2, 10, 16))
     (y.square().mean() + layer.aux_loss).backward()
     assert layer.gate.weight.grad is not None and bank.w1.central.grad.abs().sum() > 0
-    half = MPOExperts.from_ffn(torch.randn(64, 16), torch.randn(16, 64), 2).to(torch.bfloat16)
+    half = MPOExperts.from_ffn(FFNWeights(torch.randn(64, 16), torch.randn(16, 64)), 2).to(torch.bfloat16)
     assert half(torch.randn(6, 16, dtype=torch.bfloat16), [3, 3]).dtype == torch.bfloat16
 
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="w2 .* hidden units"):
-        MPOExperts.from_ffn(torch.randn(64, 16), torch.randn(16, 32), 4)
+        MPOExperts.from_ffn(FFNWeights(torch.randn(64, 16), torch.randn(16, 32)), 4)
     with pytest.raises(ValueError, match="w_gate"):
-        MPOExperts.from_ffn(torch.randn(64, 16), torch.randn(16, 64), 4, w_gate=torch.randn(16, 64))
+        MPOExperts.from_ffn(FFNWeights(torch.randn(64, 16), torch.randn(16, 64), w_gate=torch.randn(16, 64)), 4)
     with pytest.raises(ValueError, match="num_experts must be a positive int"):
-        MPOExperts.from_ffn(torch.randn(64, 16), torch.randn(16, 64), 0)
+        MPOExperts.from_ffn(FFNWeights(torch.randn(64, 16), torch.randn(16, 64)), 0)
     with pytest.raises(ValueError, match="d_ff must be a positive int"):
         MPOExperts(16, 0, 4)
     bank = MPOExperts(16, 32, 4, max_rank=4)

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from mpolab_moe.convert import FFN, find_ffns, moefy, registered_methods
+from mpolab_moe.convert import moefy
+from mpolab_moe.ffn import FFN, find_ffns
+from mpolab_moe.registry import registered_methods
 from mpolab_moe.experts.dense import DenseExperts
 from mpolab_moe.experts.mpo import MPOExperts
 from mpolab_moe.experts.sliced import SlicedExperts
@@ -17,6 +19,7 @@ from mpolab_moe.layer import MoE, aux_loss, moe_layers
 from mpolab_moe.recipes import build_dynmoe, build_emoe, build_moefication, dynmoe_layers, emoe_layers, split_ffn
 
 from ._hf import FAMILIES, inputs_for, main_output
+from mpolab_moe.experts.base import FFNWeights
 
 METHODS = ("moefication", "emoe", "dynmoe")
 GATES = {"moefication": SimilarityGate, "emoe": AvgKGate, "dynmoe": TopAnyGate}
@@ -144,7 +147,7 @@ def test_parts_mix_split_with_top_any_and_mpo_experts_with_avg_k() -> None:
     (layer(x).square().mean() + layer.aux_loss).backward()
     assert layer.gate.weight.grad is not None and bank.w1.grad is not None
     # MPOE's experts routed by avg-k: the router rows come from the split's mean key rows
-    mpo = MPOExperts.from_ffn(ffn.w1, ffn.w2, 8, b1=ffn.b1, b2=ffn.b2, activation=ffn.activation)
+    mpo = MPOExperts.from_ffn(FFNWeights(ffn.w1, ffn.w2, b1=ffn.b1, b2=ffn.b2, activation=ffn.activation), 8)
     gate = AvgKGate(32, 8, k=2, one_score=False, normalize=True, keys=bank.keys().detach())
     layer = MoE(gate, mpo).eval()
     torch.testing.assert_close(gate.router, bank.keys().detach().mean(1))  # kept: MPOExperts has no keys()

@@ -4,18 +4,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpolab_moe.convert import find_ffns
+from mpolab_moe.ffn import find_ffns
 from mpolab_moe.experts.sliced import SlicedExperts
+from mpolab_moe.gates.base import Gate
 from mpolab_moe.layer import MoE
 from mpolab_moe.routing import Routing
 from mpolab_moe.split import random_split
 
 from ._hf import FAMILIES, inputs_for, main_output
+from mpolab_moe.experts.base import FFNWeights
 
 D, FF, E = 12, 48, 6
 
 
-class AllExperts(torch.nn.Module):
+class AllExperts(Gate):
     """Every token to every expert with weight 1."""
 
     def __init__(self, d: int, e: int) -> None:
@@ -59,7 +61,7 @@ def test_all_experts_give_back_the_dense_ffn(gated: bool, bias: bool) -> None:
     w = ffn(gated, bias)
     groups = random_split(FF, E, seed=3)
     extra = {name: w[name] for name in ("b1", "b2", "w_gate") if name in w}
-    bank = SlicedExperts.from_ffn(w["w1"], w["w2"], groups, activation="gelu", **extra)
+    bank = SlicedExperts.from_ffn(FFNWeights(w["w1"], w["w2"], activation="gelu", **extra), groups)
     x = torch.randn(2, 5, D)
     layer = MoE(AllExperts(D, E), bank)
     torch.testing.assert_close(layer(x), dense(x, w), rtol=1e-5, atol=1e-4)
@@ -68,7 +70,7 @@ def test_all_experts_give_back_the_dense_ffn(gated: bool, bias: bool) -> None:
 def test_from_ffn_stores_groups_and_round_trips() -> None:
     w = ffn(gated=True)
     groups = random_split(FF, E, seed=1)
-    bank = SlicedExperts.from_ffn(w["w1"], w["w2"], groups, b1=w["b1"], b2=w["b2"], w_gate=w["w_gate"])
+    bank = SlicedExperts.from_ffn(FFNWeights(w["w1"], w["w2"], b1=w["b1"], b2=w["b2"], w_gate=w["w_gate"]), groups)
     assert bank.num_experts == E and bank.expert_size == FF // E and bank.in_features == D
     assert bank.w1.shape == (E, D, FF // E) and bank.w2.shape == (E, FF // E, D) and bank.b1.shape == (E, FF // E)
     assert torch.equal(bank.groups, groups)
@@ -77,7 +79,8 @@ def test_from_ffn_stores_groups_and_round_trips() -> None:
     assert torch.equal(bank.w1[2, :, 0], w["w1"][n]) and torch.equal(bank.w2[2, 0], w["w2"][:, n])
     assert bank.b1[2, 0] == w["b1"][n]
     assert torch.equal(bank.keys()[2, 0], w["w_gate"][n])  # gated: keys are the gate rows
-    w1, b1, w2, b2, wg = bank.to_dense_ffn()
+    dense = bank.to_dense_ffn()
+    w1, b1, w2, b2, wg = dense.w1, dense.b1, dense.w2, dense.b2, dense.w_gate
     assert torch.equal(w1, w["w1"]) and torch.equal(b1, w["b1"]) and torch.equal(w2, w["w2"])
     assert torch.equal(b2, w["b2"]) and torch.equal(wg, w["w_gate"])
     assert torch.equal(bank.output_bias, w["b2"])
@@ -85,7 +88,7 @@ def test_from_ffn_stores_groups_and_round_trips() -> None:
 
 def test_keys_are_w1_rows_for_plain_ffns() -> None:
     w = ffn()
-    bank = SlicedExperts.from_ffn(w["w1"], w["w2"], random_split(FF, E), b1=w["b1"])
+    bank = SlicedExperts.from_ffn(FFNWeights(w["w1"], w["w2"], b1=w["b1"]), random_split(FF, E))
     assert bank.keys().shape == (E, FF // E, D)
     assert torch.equal(bank.keys()[0], w["w1"][bank.groups[0]])
 
@@ -93,7 +96,7 @@ def test_keys_are_w1_rows_for_plain_ffns() -> None:
 def test_selected_subset_equals_dense_ffn_with_other_neurons_zeroed() -> None:
     w = ffn()
     groups = random_split(FF, E, seed=2)
-    bank = SlicedExperts.from_ffn(w["w1"], w["w2"], groups, b1=w["b1"], b2=w["b2"], activation="relu")
+    bank = SlicedExperts.from_ffn(FFNWeights(w["w1"], w["w2"], b1=w["b1"], b2=w["b2"], activation="relu"), groups)
     x = torch.randn(7, D)
     index = torch.stack([torch.randperm(E)[:2] for _ in range(7)])
     out = MoE(Fixed(D, E, index), bank)(x)
@@ -108,12 +111,14 @@ def test_split_bias_mode_adds_b2_over_k_per_expert() -> None:
     w = ffn()
     groups = random_split(FF, E)
     k = 3
-    bank = SlicedExperts.from_ffn(w["w1"], w["w2"], groups, b1=w["b1"], b2=w["b2"], bias_mode="split", bias_k=k)
+    bank = SlicedExperts.from_ffn(
+        FFNWeights(w["w1"], w["w2"], b1=w["b1"], b2=w["b2"]), groups, bias_mode="split", bias_k=k
+    )
     assert bank.output_bias is None
     x = torch.randn(4, D)
     index = torch.tensor([[0, 1, 2]] * 4)
     out = MoE(Fixed(D, E, index), bank)(x)
-    shared = SlicedExperts.from_ffn(w["w1"], w["w2"], groups, b1=w["b1"], b2=w["b2"])
+    shared = SlicedExperts.from_ffn(FFNWeights(w["w1"], w["w2"], b1=w["b1"], b2=w["b2"]), groups)
     torch.testing.assert_close(out, MoE(Fixed(D, E, index), shared)(x), rtol=1e-5, atol=1e-5)
     # one expert only: b2 / k instead of b2
     one = torch.tensor([[4]] * 4)
@@ -123,7 +128,9 @@ def test_split_bias_mode_adds_b2_over_k_per_expert() -> None:
 
 def test_activity_and_hidden_shapes() -> None:
     w = ffn(gated=True)
-    bank = SlicedExperts.from_ffn(w["w1"], w["w2"], random_split(FF, E), w_gate=w["w_gate"], activation="silu")
+    bank = SlicedExperts.from_ffn(
+        FFNWeights(w["w1"], w["w2"], w_gate=w["w_gate"], activation="silu"), random_split(FF, E)
+    )
     x = torch.randn(3, D)
     h = bank.hidden(x)
     assert h.shape == (3, E, FF // E)
@@ -134,7 +141,7 @@ def test_activity_and_hidden_shapes() -> None:
 
 def test_gradients_reach_expert_weights() -> None:
     w = ffn()
-    bank = SlicedExperts.from_ffn(w["w1"], w["w2"], random_split(FF, E), b1=w["b1"], b2=w["b2"])
+    bank = SlicedExperts.from_ffn(FFNWeights(w["w1"], w["w2"], b1=w["b1"], b2=w["b2"]), random_split(FF, E))
     MoE(AllExperts(D, E), bank)(torch.randn(3, D)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (bank.w1, bank.w2, bank.b1, bank.b2))
 
@@ -151,20 +158,20 @@ def test_gradients_reach_expert_weights() -> None:
 def test_bad_groups(groups: torch.Tensor, err: type, match: str) -> None:
     w = ffn()
     with pytest.raises(err, match=match):
-        SlicedExperts.from_ffn(w["w1"], w["w2"], groups)
+        SlicedExperts.from_ffn(FFNWeights(w["w1"], w["w2"]), groups)
 
 
 def test_bad_shapes_and_options() -> None:
     w = ffn()
     g = random_split(FF, E)
     with pytest.raises(ValueError, match="does not take w1.s .* hidden units"):
-        SlicedExperts.from_ffn(w["w1"], w["w2"][:, :-1], g)
+        SlicedExperts.from_ffn(FFNWeights(w["w1"], w["w2"][:, :-1]), g)
     with pytest.raises(ValueError, match="w_gate"):
-        SlicedExperts.from_ffn(w["w1"], w["w2"], g, w_gate=torch.randn(FF, D + 1))
+        SlicedExperts.from_ffn(FFNWeights(w["w1"], w["w2"], w_gate=torch.randn(FF, D + 1)), g)
     with pytest.raises(ValueError, match="bias_mode"):
-        SlicedExperts.from_ffn(w["w1"], w["w2"], g, bias_mode="half")
+        SlicedExperts.from_ffn(FFNWeights(w["w1"], w["w2"]), g, bias_mode="half")
     with pytest.raises(ValueError, match="bias_k"):
-        SlicedExperts.from_ffn(w["w1"], w["w2"], g, bias_k=E + 1)
+        SlicedExperts.from_ffn(FFNWeights(w["w1"], w["w2"]), g, bias_k=E + 1)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -177,7 +184,7 @@ def test_hf_models_unchanged_with_every_expert_selected(family: str) -> None:
         for f in find_ffns(model):
             groups = random_split(f.d_ff, 4, seed=0)
             bank = SlicedExperts.from_ffn(
-                f.w1, f.w2, groups, b1=f.b1, b2=f.b2, w_gate=f.w_gate, activation=f.activation
+                FFNWeights(f.w1, f.w2, b1=f.b1, b2=f.b2, w_gate=f.w_gate, activation=f.activation), groups
             )
             assert torch.equal(bank.keys()[0], (f.w_gate if f.w_gate is not None else f.w1)[groups[0]])
             f.install(model, MoE(AllExperts(f.d_model, 4), bank))

@@ -1,46 +1,176 @@
-"""The expert-bank interface and the grouped matrix product every bank uses.
+"""The expert-bank contract, the FFN weights value and the grouped products every bank uses.
 
 An expert bank computes ``E`` experts on tokens that the :class:`~mpolab_moe.MoE` layer has
 already sorted by expert: ``x [N, d_in]`` holds ``counts[0]`` rows for expert 0, then
-``counts[1]`` rows for expert 1, and so on. The bank returns ``[N, d_out]`` in the same order.
+``counts[1]`` rows for expert 1, and so on.
+
+**Output contract.** ``bank(x, counts)`` returns ``[N, d_out]``, in the same order: for each
+routed row, its expert's *contribution to the layer output*. The layer multiplies each row by
+its combine weight and sums the rows of a token, then adds :attr:`ExpertBank.output_bias` once:
+``MoE(x)_t = sum_s w_ts * bank_{e_ts}(x_t) + output_bias``. What that sum stands for is the
+bank's :attr:`ExpertBank.output_kind` (:class:`BankOutput`): the layer's output itself (FFN
+experts), an update added to a frozen base layer's output (LoRA), or the input rescaled (IA3).
+The PEFT adapters compose a base layer with a MoE according to it, in one place
+(:meth:`mpolab_moe.peft.layers.AdapterLayer.forward`).
+
+**Capabilities.** A bank declares what else it offers in :attr:`ExpertBank.capabilities`
+(:class:`Capability`); gates declare what they require (:meth:`mpolab_moe.gates.base.Gate.requires`)
+and :class:`~mpolab_moe.MoE` refuses a pair whose requirements the bank lacks, at construction.
+Declaring a capability without its methods is a ``TypeError`` when the class is defined.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ExpertBank", "check_ffn_weights", "expand_per_row", "grouped_matmul", "use_padded_bmm"]
+from mpolab.utils import check_positive_int
+
+from ..activations import ACTIVATIONS, Activation, activation_name, get_activation
+
+__all__ = [
+    "BankOutput",
+    "Capability",
+    "ExpertBank",
+    "FFNBank",
+    "FFNWeights",
+    "GroupedLinear",
+    "KeyedBank",
+    "NeuronGroupBank",
+    "SoftBank",
+    "expand_per_row",
+    "grouped_ffn",
+    "grouped_matmul",
+    "use_padded_bmm",
+]
 
 #: Padded ``bmm`` is used when padding every group to the largest adds at most this fraction of rows.
 PAD_OVERHEAD = 0.25
 
 
-class ExpertBank(nn.Module):
-    """Base class of expert banks.
+# ------------------------------------------------------------------------------- capabilities
 
-    Subclasses set ``num_experts``, ``in_features`` and ``out_features`` and implement
-    :meth:`forward`. A bank that can merge its experts' parameters before touching the tokens
-    (MoV, MoLoRA) also implements :meth:`forward_soft`; the layer calls it for soft routing.
+
+class Capability(str, Enum):
+    """What a bank offers beyond ``forward(x, counts)``.
+
+    * ``KEYS``: ``keys() -> [E, m, d]``, the rows each expert's neurons score a token against
+      (:class:`KeyedBank`; EMoE's avg-k gate reads them).
+    * ``NEURON_GROUPS``: the bank is one dense FFN split into groups of hidden neurons, with
+      ``hidden(x)``/``activity(x) -> [T, E, m]``, ``act``, ``b1`` and ``gated``
+      (:class:`NeuronGroupBank`; MoEfication's oracle router and avg-k's activation score need it).
+    * ``SOFT``: ``forward_soft(x [T, d], weight [T, E]) -> [T, d_out]`` merges all experts per token
+      (:class:`SoftBank`; MoV, MoLoRA). Soft routing still works without it: the layer then runs
+      every expert on every token.
+    """
+
+    KEYS = "keys"
+    NEURON_GROUPS = "neuron_groups"
+    SOFT = "soft"
+
+
+class BankOutput(str, Enum):
+    """What the weighted sum of a bank's rows stands for (see the module docstring).
+
+    * ``OUTPUT``: the layer's output (FFN experts replace the FFN).
+    * ``UPDATE``: an update added to a frozen base layer's output, ``y = base(x) + moe(x)`` (LoRA).
+    * ``SCALED``: the input tensor rescaled elementwise (``d_in == d_out``), which then takes the
+      input's place (IA3: before or after the base layer).
+    """
+
+    OUTPUT = "output"
+    UPDATE = "update"
+    SCALED = "scaled"
+
+
+@runtime_checkable
+class KeyedBank(Protocol):
+    """A bank with neuron keys (:attr:`Capability.KEYS`)."""
+
+    num_experts: int
+    in_features: int
+
+    def keys(self) -> Tensor:
+        """``[E, m, d]`` key rows per expert and neuron."""
+        ...
+
+
+@runtime_checkable
+class NeuronGroupBank(KeyedBank, Protocol):
+    """A dense FFN split into neuron groups (:attr:`Capability.NEURON_GROUPS`)."""
+
+    act: Callable[[Tensor], Tensor]
+    b1: Tensor | None
+    gated: bool
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """``x [T, d]`` -> every expert's intermediate activation ``[T, E, m]``."""
+        ...
+
+    def activity(self, x: Tensor) -> Tensor:
+        """``x [T, d]`` -> how strongly each neuron fires, ``[T, E, m]``, ``>= 0``."""
+        ...
+
+
+@runtime_checkable
+class SoftBank(Protocol):
+    """A bank that merges its experts per token (:attr:`Capability.SOFT`)."""
+
+    def forward_soft(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``x [T, d_in]``, ``weight [T, E]`` -> ``[T, d_out]``, ``sum_e weight[:, e] * expert_e(x)``."""
+        ...
+
+
+#: The methods each capability promises (checked when a bank class is defined).
+_PROMISED: dict[Capability, tuple[str, ...]] = {
+    Capability.KEYS: ("keys",),
+    Capability.NEURON_GROUPS: ("keys", "hidden", "activity"),
+    Capability.SOFT: ("forward_soft",),
+}
+
+
+class ExpertBank(nn.Module, ABC):
+    """Base class of expert banks: ``forward(x [N, d_in], counts) -> [N, d_out]`` (see the module docstring).
+
+    Subclasses set ``num_experts``, ``in_features`` and ``out_features``, implement :meth:`forward`,
+    and declare :attr:`capabilities` and :attr:`output_kind`.
+
+    Example:
+        >>> class Scale(ExpertBank):
+        ...     capabilities = frozenset({Capability.SOFT})
+        ...     output_kind = BankOutput.SCALED
+        ...     def forward(self, x, counts): ...
+        ...     def forward_soft(self, x, weight): ...
     """
 
     num_experts: int
     in_features: int
     out_features: int
+    #: What the bank offers besides :meth:`forward`.
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    #: What the weighted sum of its rows stands for.
+    output_kind: ClassVar[BankOutput] = BankOutput.OUTPUT
 
-    def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:  # pragma: no cover - interface
-        """``x [N, d_in]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]``."""
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        for capability in cls.capabilities:
+            missing = [m for m in _PROMISED[capability] if not callable(getattr(cls, m, None))]
+            if missing:
+                raise TypeError(f"{cls.__name__} declares {capability.name} but has no {', '.join(missing)}()")
 
-    def forward_soft(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - interface
-        """``x [T, d_in]``, ``weight [T, E]`` -> ``[T, d_out]``: the weighted sum over all experts."""
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
+        """``x [N, d_in]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]`` contributions."""
 
-    @property
-    def supports_soft(self) -> bool:
-        return type(self).forward_soft is not ExpertBank.forward_soft
+    def has(self, capability: Capability) -> bool:
+        """Whether this bank declares ``capability``."""
+        return capability in self.capabilities
 
     @property
     def output_bias(self) -> Tensor | None:
@@ -48,26 +178,86 @@ class ExpertBank(nn.Module):
         return None
 
 
-def check_ffn_weights(
-    w1: Tensor, w2: Tensor, w_gate: Tensor | None = None, b1: Tensor | None = None, b2: Tensor | None = None
-) -> tuple[int, int, int]:
-    """Validate one FFN in ``nn.Linear`` layout; returns ``(F, d, d_out)``.
+# ------------------------------------------------------------------------------- FFN weights
 
-    ``w1 [F, d]`` up projection, ``w2 [d_out, F]`` down projection, ``w_gate [F, d]``, ``b1 [F]``, ``b2 [d_out]``.
+
+def _shape(t: object) -> object:
+    return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+
+
+@dataclass(frozen=True, eq=False)
+class FFNWeights:
+    """One feed-forward network in ``nn.Linear`` layout, validated once.
+
+    ``y = act(x w1^T + b1) w2^T + b2``, gated: ``(act(x w_gate^T) * (x w1^T + b1)) w2^T + b2``.
+
+    Attributes:
+        w1: ``[F, d]`` up projection (LLaMA ``up_proj``, T5 gated ``wi_1``).
+        w2: ``[d_out, F]`` down projection.
+        w_gate: ``[F, d]`` gate projection of a gated FFN (the branch ``act`` applies to), or ``None``.
+        b1: ``[F]`` or ``None``; b2: ``[d_out]`` or ``None``.
+        activation: a name from :data:`mpolab_moe.activations.ACTIVATIONS` or a callable.
+
+    Raises:
+        ValueError: shapes that do not form an FFN (the message names them); TypeError: a non-tensor.
+
+    Example:
+        >>> ffn = FFNWeights(up.weight, down.weight, b1=up.bias, b2=down.bias, activation="gelu")
+        >>> DenseExperts.from_ffn(ffn, num_experts=8)
     """
-    if not isinstance(w1, Tensor) or not isinstance(w2, Tensor) or w1.dim() != 2 or w2.dim() != 2:
-        shapes = [tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__ for w in (w1, w2)]
-        raise ValueError(f"w1 must be [F, d] and w2 [d_out, F] matrices, got {shapes[0]} and {shapes[1]}")
-    F_, d = w1.shape
-    if w2.shape[1] != F_:
-        raise ValueError(f"w2 {tuple(w2.shape)} does not take w1's {F_} hidden units (expected [d_out, {F_}])")
-    if w_gate is not None and w_gate.shape != w1.shape:
-        raise ValueError(f"w_gate {tuple(w_gate.shape)} must have w1's shape {tuple(w1.shape)}")
-    if b1 is not None and b1.shape != (F_,):
-        raise ValueError(f"b1 must be [{F_}], got {tuple(b1.shape)}")
-    if b2 is not None and b2.shape != (w2.shape[0],):
-        raise ValueError(f"b2 must be [{w2.shape[0]}], got {tuple(b2.shape)}")
-    return F_, d, w2.shape[0]
+
+    w1: Tensor
+    w2: Tensor
+    w_gate: Tensor | None = None
+    b1: Tensor | None = None
+    b2: Tensor | None = None
+    activation: Activation = "relu"
+
+    def __post_init__(self) -> None:
+        w1, w2 = self.w1, self.w2
+        if not isinstance(w1, Tensor) or not isinstance(w2, Tensor) or w1.dim() != 2 or w2.dim() != 2:
+            raise ValueError(f"w1 must be [F, d] and w2 [d_out, F] matrices, got {_shape(w1)} and {_shape(w2)}")
+        F_ = w1.shape[0]
+        if w2.shape[1] != F_:
+            raise ValueError(f"w2 {tuple(w2.shape)} does not take w1's {F_} hidden units (expected [d_out, {F_}])")
+        expected = {"w_gate": tuple(w1.shape), "b1": (F_,), "b2": (w2.shape[0],)}
+        for name, shape in expected.items():
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, Tensor) or tuple(value.shape) != shape):
+                raise ValueError(f"{name} must be {list(shape)}, got {_shape(value)}")
+        get_activation(self.activation)  # raises for unknown names
+
+    @property
+    def d_model(self) -> int:
+        return self.w1.shape[1]
+
+    @property
+    def d_ff(self) -> int:
+        return self.w1.shape[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.w2.shape[0]
+
+    @property
+    def gated(self) -> bool:
+        return self.w_gate is not None
+
+    @property
+    def has_bias(self) -> bool:
+        return self.b1 is not None or self.b2 is not None
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the matrices and biases."""
+        return sum(t.numel() for t in (self.w1, self.b1, self.w2, self.b2, self.w_gate) if t is not None)
+
+    def matrices(self) -> dict[str, Tensor]:
+        """``{"w1": ..., "w_gate": ..., "w2": ...}`` (``w_gate`` only when gated), ``nn.Linear`` layout."""
+        return {n: w for n, w in (("w1", self.w1), ("w_gate", self.w_gate), ("w2", self.w2)) if w is not None}
+
+
+# ------------------------------------------------------------------------------- grouped products
 
 
 def expand_per_row(values: Tensor, counts: Sequence[int]) -> Tensor:
@@ -112,7 +302,7 @@ def grouped_matmul(x: Tensor, weight: Tensor, counts: Sequence[int], bias: Tenso
     if N == 0:
         return x.new_zeros(0, weight.shape[-1])
     if use_padded_bmm(x, counts):
-        return _padded_bmm(x, weight, counts, max(counts), bias)
+        return padded_bmm(x, weight, counts, bias)
     chunks = torch.split(x, list(counts))
     # unbind, not weight[e]: its backward stacks the E gradients once instead of materialising a
     # zero-filled [E, a, b] gradient per expert (which made training 2x slower than a loop over
@@ -126,8 +316,9 @@ def grouped_matmul(x: Tensor, weight: Tensor, counts: Sequence[int], bias: Tenso
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _padded_bmm(x: Tensor, weight: Tensor, counts: Sequence[int], largest: int, bias: Tensor | None) -> Tensor:
-    E = weight.shape[0]
+def padded_bmm(x: Tensor, weight: Tensor, counts: Sequence[int], bias: Tensor | None = None) -> Tensor:
+    """:func:`grouped_matmul` as one ``bmm`` over the groups padded to the largest (``[N, a]`` -> ``[N, b]``)."""
+    E, largest = weight.shape[0], max(counts)
     if all(c == largest for c in counts):
         padded = x.view(E, largest, -1)
         out = torch.bmm(padded, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), padded, weight)
@@ -139,3 +330,95 @@ def _padded_bmm(x: Tensor, weight: Tensor, counts: Sequence[int], largest: int, 
     padded[group, position] = x
     out = torch.bmm(padded, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), padded, weight)
     return out[group, position]
+
+
+@runtime_checkable
+class GroupedLinear(Protocol):
+    """A per-expert linear map applied to rows grouped by expert (e.g. :class:`~mpolab_moe.experts.shared_central.SharedCentralMPO`)."""
+
+    def __call__(self, x: Tensor, counts: Sequence[int], bias: Tensor | None = None) -> Tensor: ...
+
+
+def _linear(weight: Tensor | GroupedLinear, x: Tensor, counts: Sequence[int], bias: Tensor | None) -> Tensor:
+    if isinstance(weight, Tensor):
+        return grouped_matmul(x, weight, counts, bias)
+    return weight(x, counts, bias)
+
+
+def grouped_ffn(
+    x: Tensor,
+    counts: Sequence[int],
+    w1: Tensor | GroupedLinear,
+    w2: Tensor | GroupedLinear,
+    act: Callable[[Tensor], Tensor],
+    *,
+    w_gate: Tensor | GroupedLinear | None = None,
+    b1: Tensor | None = None,
+    b2: Tensor | None = None,
+) -> Tensor:
+    """``E`` FFNs on rows grouped by expert: ``act(x W1_e + b1_e) W2_e + b2_e`` (gated: ``act(x Wg_e) * (x W1_e + b1_e)``).
+
+    Args:
+        x: ``[N, d]`` sorted by expert; counts: ``E`` group sizes.
+        w1, w_gate: ``[E, d, F]`` stacked input-major weights, or a :class:`GroupedLinear`.
+        w2: ``[E, F, d_out]`` or a :class:`GroupedLinear`.
+        b1: ``[E, F]``; b2: ``[E, d_out]``.
+
+    Returns:
+        ``[N, d_out]``.
+    """
+    h = _linear(w1, x, counts, b1)
+    h = act(_linear(w_gate, x, counts, None)) * h if w_gate is not None else act(h)
+    return _linear(w2, h, counts, b2)
+
+
+class FFNBank(ExpertBank):
+    """Shared base of the banks whose experts are FFNs (dense, sliced, MPO): activation, forward, repr.
+
+    Subclasses hold ``w1``, ``w2``, ``w_gate`` (stacked tensors or :class:`GroupedLinear` modules)
+    and ``b1``, ``b2`` (``None`` when absent), and set ``d_ff``.
+    """
+
+    d_ff: int
+    w1: Tensor | nn.Module
+    w2: Tensor | nn.Module
+    w_gate: Tensor | nn.Module | None
+    b1: Tensor | None
+    b2: Tensor | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: relative Frobenius error of each matrix against the FFN it was built from
+        #: (``{"w1": ..., "w2": ...}``; exact copies 0.0; empty when not built from an FFN)
+        self.reconstruction_error: dict[str, float] = {}
+
+    def _set_activation(self, activation: Activation) -> None:
+        self.activation_name = activation_name(activation)
+        self.act = get_activation(activation)
+
+    @property
+    def gated(self) -> bool:
+        return self.w_gate is not None
+
+    @property
+    def activation(self) -> Activation:
+        """The activation as given: its name when :data:`~mpolab_moe.activations.ACTIVATIONS` has it, else the callable."""
+        return self.activation_name if self.activation_name in ACTIVATIONS else self.act
+
+    def expert_bias(self) -> Tensor | None:
+        """``[E, d_out]`` bias each expert adds to its rows (``None``: none, or added elsewhere)."""
+        return self.b2
+
+    def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
+        """``x [N, d]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]``."""
+        return grouped_ffn(
+            x, counts, self.w1, self.w2, self.act, w_gate=self.w_gate, b1=self.b1, b2=self.expert_bias()
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.in_features}, d_ff={self.d_ff}, "
+            f"d_out={self.out_features}, activation={self.activation_name!r}, gated={self.gated}, "
+            f"bias={self.b1 is not None}"
+        )
+

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..activations import get_activation
-from .base import ExpertBank, check_ffn_weights, grouped_matmul
+from mpolab.utils import check_positive_int
+
+from ..activations import Activation
+from .base import FFNBank, FFNWeights
 
 __all__ = ["DenseExperts"]
 
 
-class DenseExperts(ExpertBank):
+class DenseExperts(FFNBank):
     """``E`` independent FFNs ``y = act(x W1_e + b1_e) W2_e + b2_e`` (gated: ``act(x Wg_e) * (x W1_e)``).
 
     Weights are stacked along the expert dimension and stored input-major so that a group of
     tokens multiplies them directly: ``w1 [E, d, F]``, ``w2 [E, F, d_out]`` (and ``w_gate [E, d, F]``
     when ``gated``, LLaMA's SwiGLU and T5 v1.1's gated GELU). Experts run as grouped matmuls
-    (:func:`~mpolab_moe.experts.base.grouped_matmul`), never as a loop of ``F.linear`` over masks.
+    (:func:`~mpolab_moe.experts.base.grouped_ffn`), never as a loop of ``F.linear`` over masks.
 
     Args:
         d_model: token width ``d``.
@@ -42,7 +43,7 @@ class DenseExperts(ExpertBank):
         d_ff: int,
         num_experts: int,
         *,
-        activation: str | Callable[[Tensor], Tensor] = "relu",
+        activation: Activation = "relu",
         gated: bool = False,
         bias: bool = True,
         d_out: int | None = None,
@@ -50,16 +51,13 @@ class DenseExperts(ExpertBank):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.num_experts, self.in_features, self.d_ff = num_experts, d_model, d_ff
-        self.out_features = d_model if d_out is None else d_out
-        self.activation_name = activation if isinstance(activation, str) else getattr(activation, "__name__", "custom")
-        self.act = get_activation(activation)
-        self.gated = gated
+        E = check_positive_int(num_experts, "num_experts")
+        self.in_features = check_positive_int(d_model, "d_model")
+        self.d_ff = check_positive_int(d_ff, "d_ff")
+        self.num_experts = E
+        self.out_features = d_model if d_out is None else check_positive_int(d_out, "d_out")
+        self._set_activation(activation)
         kw = {"device": device, "dtype": dtype}
-        E = num_experts
         self.w1 = nn.Parameter(torch.empty(E, d_model, d_ff, **kw))
         self.w2 = nn.Parameter(torch.empty(E, d_ff, self.out_features, **kw))
         self.w_gate = nn.Parameter(torch.empty(E, d_model, d_ff, **kw)) if gated else None
@@ -78,58 +76,31 @@ class DenseExperts(ExpertBank):
                 nn.init.uniform_(b, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
     @classmethod
-    def from_ffn(
-        cls,
-        w1: Tensor,
-        w2: Tensor,
-        num_experts: int,
-        *,
-        b1: Tensor | None = None,
-        b2: Tensor | None = None,
-        w_gate: Tensor | None = None,
-        activation: str | Callable[[Tensor], Tensor] = "relu",
-    ) -> DenseExperts:
-        """``num_experts`` copies of one FFN given in ``nn.Linear`` layout (upcycling).
+    def from_ffn(cls, ffn: FFNWeights, num_experts: int) -> DenseExperts:
+        """``num_experts`` copies of one FFN (upcycling).
 
-        Args:
-            w1: ``[F, d]`` up projection; ``w2``: ``[d_out, F]`` down projection;
-            w_gate: ``[F, d]`` gate projection of a gated FFN; biases ``b1 [F]``, ``b2 [d_out]``.
+        Example:
+            >>> bank = DenseExperts.from_ffn(FFNWeights(up.weight, down.weight, b1=up.bias, b2=down.bias), 8)
         """
-        F_, d, _ = check_ffn_weights(w1, w2, w_gate, b1, b2)
+        if not isinstance(ffn, FFNWeights):
+            raise TypeError(f"ffn must be an FFNWeights (or an FFN from find_ffns), got {type(ffn).__name__}")
+        E, F_, d, d_out = check_positive_int(num_experts, "num_experts"), ffn.d_ff, ffn.d_model, ffn.d_out
         bank = cls(
             d,
             F_,
-            num_experts,
-            activation=activation,
-            gated=w_gate is not None,
-            bias=b1 is not None or b2 is not None,
-            d_out=w2.shape[0],
-            device=w1.device,
-            dtype=w1.dtype,
+            E,
+            activation=ffn.activation,
+            gated=ffn.gated,
+            bias=ffn.has_bias,
+            d_out=d_out,
+            device=ffn.w1.device,
+            dtype=ffn.w1.dtype,
         )
         with torch.no_grad():
-            bank.w1.copy_(w1.T.expand(num_experts, d, F_))
-            bank.w2.copy_(w2.T.expand(num_experts, F_, w2.shape[0]))
-            if w_gate is not None:
-                bank.w_gate.copy_(w_gate.T.expand(num_experts, d, F_))  # type: ignore[union-attr]
-            if bank.b1 is not None:
-                bank.b1.copy_(b1 if b1 is not None else torch.zeros(F_))
-            if bank.b2 is not None:
-                bank.b2.copy_(b2 if b2 is not None else torch.zeros(w2.shape[0]))
+            for name, w in ffn.matrices().items():
+                getattr(bank, name).copy_(w.T.expand(E, *w.T.shape))
+            if bank.b1 is not None and bank.b2 is not None:
+                bank.b1.copy_(ffn.b1 if ffn.b1 is not None else torch.zeros(F_))
+                bank.b2.copy_(ffn.b2 if ffn.b2 is not None else torch.zeros(d_out))
+        bank.reconstruction_error = {name: 0.0 for name in ffn.matrices()}
         return bank
-
-    def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
-        """``x [N, d]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]``."""
-        h = grouped_matmul(x, self.w1, counts, self.b1)
-        if self.w_gate is not None:
-            h = self.act(grouped_matmul(x, self.w_gate, counts)) * h
-        else:
-            h = self.act(h)
-        return grouped_matmul(h, self.w2, counts, self.b2)
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_experts={self.num_experts}, d_model={self.in_features}, d_ff={self.d_ff}, "
-            f"d_out={self.out_features}, activation={self.activation_name!r}, gated={self.gated}, "
-            f"bias={self.b1 is not None}"
-        )

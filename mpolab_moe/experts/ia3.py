@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import ExpertBank, expand_per_row
+from mpolab.utils import check_positive_int
+
+from .base import BankOutput, Capability, ExpertBank, expand_per_row
 
 __all__ = ["IA3Experts"]
 
@@ -16,7 +18,8 @@ class IA3Experts(ExpertBank):
     """``E`` (IA)³ experts; expert ``e`` rescales a tensor elementwise: ``x ⊙ l_e``.
 
     Unlike :class:`~mpolab_moe.experts.lora.LoRAExperts`, the bank returns the *modified* tensor,
-    not an update: ``in_features == out_features == d``. The vectors ``vectors [E, d]`` start
+    not an update (``output_kind = BankOutput.SCALED``): ``in_features == out_features == d``.
+    Capability: ``SOFT``. The vectors ``vectors [E, d]`` start
     at one, so with weights summing to one (softmax) the output equals the input at step 0.
 
     * :meth:`forward` (sparse routing, tokens grouped by expert): ``x ⊙ l_{e(row)}``.
@@ -35,6 +38,9 @@ class IA3Experts(ExpertBank):
         True
     """
 
+    capabilities = frozenset({Capability.SOFT})
+    output_kind = BankOutput.SCALED
+
     def __init__(
         self,
         features: int,
@@ -44,9 +50,8 @@ class IA3Experts(ExpertBank):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("features", features), ("num_experts", num_experts)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(features, "features")
+        check_positive_int(num_experts, "num_experts")
         self.num_experts, self.in_features, self.out_features = num_experts, features, features
         self.vectors = nn.Parameter(torch.empty(num_experts, features, device=device, dtype=dtype))
         self.reset_parameters()

@@ -9,7 +9,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .base import ExpertBank, grouped_matmul
+from mpolab.utils import check_choice, check_positive_float, check_positive_int
+
+from .base import BankOutput, Capability, ExpertBank, grouped_matmul
 
 __all__ = ["LoRAExperts"]
 
@@ -19,9 +21,9 @@ LoRAInit = Literal["gaussian", "kaiming"]
 class LoRAExperts(ExpertBank):
     """``E`` LoRA experts; expert ``e`` maps ``x [d_in]`` to ``s · (x A_e) B_e`` (``[d_out]``).
 
-    The bank computes only the low-rank *update*: the frozen base layer's output is added by the
-    caller (the PEFT adapter in :mod:`mpolab_moe.peft`, or your own code around a
-    :class:`~mpolab_moe.MoE` layer: ``y = base(x) + moe(x)``).
+    The bank computes only the low-rank *update* (``output_kind = BankOutput.UPDATE``): the frozen
+    base layer's output is added by the caller (the PEFT adapter in :mod:`mpolab_moe.peft`, or your
+    own code around a :class:`~mpolab_moe.MoE` layer: ``y = base(x) + moe(x)``). Capability: ``SOFT``.
 
     Weights are stacked along the expert dimension, input-major: ``lora_A [E, d_in, r]`` and
     ``lora_B [E, r, d_out]``. ``B`` starts at zero, so the update is zero at initialisation.
@@ -50,6 +52,9 @@ class LoRAExperts(ExpertBank):
         torch.Size([6, 512])
     """
 
+    capabilities = frozenset({Capability.SOFT})
+    output_kind = BankOutput.UPDATE
+
     def __init__(
         self,
         in_features: int,
@@ -65,20 +70,12 @@ class LoRAExperts(ExpertBank):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_features", in_features),
-            ("out_features", out_features),
-            ("num_experts", num_experts),
-            ("r", r),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        alpha = float(r) if alpha is None else alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-        if init not in ("gaussian", "kaiming"):
-            raise ValueError(f"init must be 'gaussian' or 'kaiming', got {init!r}")
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
+            check_positive_int(value, name)
+        check_positive_int(num_experts, "num_experts")
+        alpha = check_positive_float(float(r) if alpha is None else alpha, "alpha")
+        check_choice(init, "init", ("gaussian", "kaiming"))
+        if isinstance(dropout, bool) or not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.num_experts, self.in_features, self.out_features, self.r = num_experts, in_features, out_features, r
         self.alpha, self.use_rslora, self.init = float(alpha), bool(use_rslora), init

@@ -8,13 +8,13 @@ computes only those neurons.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 from torch import Tensor, nn
 
-from ..activations import get_activation
-from .base import ExpertBank, check_ffn_weights, grouped_matmul
+from mpolab.utils import check_choice
+
+from ..activations import Activation
+from .base import Capability, FFNBank, FFNWeights
 
 __all__ = ["SlicedExperts", "check_groups"]
 
@@ -41,13 +41,13 @@ def check_groups(groups: Tensor, num_neurons: int) -> Tensor:
     return groups
 
 
-class SlicedExperts(ExpertBank):
+class SlicedExperts(FFNBank):
     """A dense FFN split into ``E`` experts of ``F/E`` hidden neurons each.
 
     Expert ``e`` holds the neurons ``groups[e]``: ``w1 [E, d, F/E]`` (rows of ``W1``, input-major),
     ``b1 [E, F/E]``, ``w2 [E, F/E, d_out]`` (columns of ``W2``) and ``w_gate [E, d, F/E]`` for gated
-    FFNs, computed with :func:`~mpolab_moe.experts.base.grouped_matmul` like
-    :class:`~mpolab_moe.experts.dense.DenseExperts`.
+    FFNs, computed with :func:`~mpolab_moe.experts.base.grouped_ffn` like
+    :class:`~mpolab_moe.experts.dense.DenseExperts`. Capabilities: ``KEYS`` and ``NEURON_GROUPS``.
 
     ``bias_mode`` says where the dense ``b2`` goes:
 
@@ -61,9 +61,11 @@ class SlicedExperts(ExpertBank):
 
     Example:
         >>> groups = torch.randperm(3072).view(16, 192)
-        >>> bank = SlicedExperts.from_ffn(w1, w2, groups, b1=b1, b2=b2, activation="gelu")
+        >>> bank = SlicedExperts.from_ffn(FFNWeights(w1, w2, b1=b1, b2=b2, activation="gelu"), groups)
         >>> layer = MoE(SimilarityGate(bank, k=4), bank)
     """
+
+    capabilities = frozenset({Capability.KEYS, Capability.NEURON_GROUPS})
 
     def __init__(
         self,
@@ -74,7 +76,7 @@ class SlicedExperts(ExpertBank):
         b1: Tensor | None = None,
         b2: Tensor | None = None,
         w_gate: Tensor | None = None,
-        activation: str | Callable[[Tensor], Tensor] = "relu",
+        activation: Activation = "relu",
         bias_mode: str = "shared",
         bias_k: int | None = None,
     ) -> None:
@@ -88,8 +90,7 @@ class SlicedExperts(ExpertBank):
         if w1.dim() != 3 or w2.dim() != 3 or w1.shape[0] != w2.shape[0] or w1.shape[2] != w2.shape[1]:
             raise ValueError(f"w1 must be [E, d, m] and w2 [E, m, d_out], got {tuple(w1.shape)} and {tuple(w2.shape)}")
         E, d, m = w1.shape
-        if bias_mode not in BIAS_MODES:
-            raise ValueError(f"bias_mode must be one of {BIAS_MODES}, got {bias_mode!r}")
+        check_choice(bias_mode, "bias_mode", BIAS_MODES)
         if bias_k is not None and (not isinstance(bias_k, int) or not 1 <= bias_k <= E):
             raise ValueError(f"bias_k must be an int in [1, {E}], got {bias_k!r}")
         if w_gate is not None and w_gate.shape != w1.shape:
@@ -100,72 +101,58 @@ class SlicedExperts(ExpertBank):
             raise ValueError(f"b2 must be [{w2.shape[2]}], got {tuple(b2.shape)}")
         self.register_buffer("groups", check_groups(groups, E * m).reshape(E, m).to(w1.device), persistent=True)
         self.num_experts, self.in_features, self.expert_size = E, d, m
-        self.out_features = w2.shape[2]
-        self.activation_name = activation if isinstance(activation, str) else getattr(activation, "__name__", "custom")
-        self.act = get_activation(activation)
+        self.d_ff, self.out_features = E * m, w2.shape[2]
+        self._set_activation(activation)
         self.bias_mode = bias_mode
         self.bias_k = E if bias_k is None else bias_k
-        self.w1 = nn.Parameter(w1.detach().clone())
-        self.w2 = nn.Parameter(w2.detach().clone())
-        self.w_gate = nn.Parameter(w_gate.detach().clone()) if w_gate is not None else None
-        self.b1 = nn.Parameter(b1.detach().clone()) if b1 is not None else None
-        self.b2 = nn.Parameter(b2.detach().clone()) if b2 is not None else None
+        copy = lambda t: nn.Parameter(t.detach().clone()) if t is not None else None  # noqa: E731
+        self.w1, self.w2, self.w_gate, self.b1, self.b2 = copy(w1), copy(w2), copy(w_gate), copy(b1), copy(b2)
 
     @classmethod
     def from_ffn(
-        cls,
-        w1: Tensor,
-        w2: Tensor,
-        groups: Tensor,
-        *,
-        b1: Tensor | None = None,
-        b2: Tensor | None = None,
-        w_gate: Tensor | None = None,
-        activation: str | Callable[[Tensor], Tensor] = "relu",
-        bias_mode: str = "shared",
-        bias_k: int | None = None,
+        cls, ffn: FFNWeights, groups: Tensor, *, bias_mode: str = "shared", bias_k: int | None = None
     ) -> SlicedExperts:
-        """Split one FFN given in ``nn.Linear`` layout by ``groups``.
+        """Split one FFN by ``groups``.
 
         Args:
-            w1: ``[F, d]`` up projection (for gated FFNs: the linear "up" branch).
-            w2: ``[d_out, F]`` down projection.
+            ffn: the FFN (:class:`FFNWeights`, or an :class:`~mpolab_moe.ffn.FFN` from ``find_ffns``).
             groups: ``[E, F/E]`` int64, a permutation of ``range(F)``; row ``e`` lists expert ``e``'s
                 neurons (from :mod:`mpolab_moe.split`).
-            b1: ``[F]``; b2: ``[d_out]``; w_gate: ``[F, d]`` gate projection (``act`` applies to it).
-            activation: name or callable; bias_mode, bias_k: see the class docstring.
+            bias_mode, bias_k: see the class docstring.
 
         Example:
-            >>> bank = SlicedExperts.from_ffn(w1, w2, random_split(3072, 16), b1=b1, b2=b2, activation="gelu")
+            >>> bank = SlicedExperts.from_ffn(FFNWeights(w1, w2, b1=b1, b2=b2, activation="gelu"), random_split(3072, 16))
         """
-        F_, d, _ = check_ffn_weights(w1, w2, w_gate, b1, b2)
-        groups = check_groups(groups, F_).to(w1.device)
-        E, m = groups.shape
+        if not isinstance(ffn, FFNWeights):
+            raise TypeError(f"ffn must be an FFNWeights (or an FFN from find_ffns), got {type(ffn).__name__}")
+        groups = check_groups(groups, ffn.d_ff).to(ffn.w1.device)
         with torch.no_grad():
-            sw1 = w1[groups].transpose(1, 2)  # [E, m, d] -> [E, d, m]
-            sw2 = w2.T[groups]  # [E, m, d_out]
-            sg = w_gate[groups].transpose(1, 2) if w_gate is not None else None
-            sb1 = b1[groups] if b1 is not None else None
+            sw1 = ffn.w1[groups].transpose(1, 2)  # [E, m, d] -> [E, d, m]
+            sw2 = ffn.w2.T[groups]  # [E, m, d_out]
+            sg = ffn.w_gate[groups].transpose(1, 2) if ffn.w_gate is not None else None
+            sb1 = ffn.b1[groups] if ffn.b1 is not None else None
         return cls(
             sw1,
             sw2,
             groups,
             b1=sb1,
-            b2=b2,
+            b2=ffn.b2,
             w_gate=sg,
-            activation=activation,
+            activation=ffn.activation,
             bias_mode=bias_mode,
             bias_k=bias_k,
         )
 
     @property
-    def gated(self) -> bool:
-        return self.w_gate is not None
-
-    @property
     def output_bias(self) -> Tensor | None:
         """``b2`` in ``"shared"`` mode (added once per token by the layer), else ``None``."""
         return self.b2 if self.bias_mode == "shared" else None
+
+    def expert_bias(self) -> Tensor | None:
+        """``"split"`` mode: ``b2 / bias_k`` for every expert, ``[E, d_out]``; ``"shared"``: ``None``."""
+        if self.bias_mode != "split" or self.b2 is None:
+            return None
+        return (self.b2 / self.bias_k).expand(self.num_experts, -1)
 
     def keys(self) -> Tensor:
         """``[E, F/E, d]``: the rows a token is scored against, per expert and neuron.
@@ -199,24 +186,8 @@ class SlicedExperts(ExpertBank):
         h = self.hidden(x)
         return h.abs() if self.w_gate is not None else h.clamp(min=0)
 
-    def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
-        """``x [N, d]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]``."""
-        h = grouped_matmul(x, self.w1, counts, self.b1)
-        if self.w_gate is not None:
-            h = self.act(grouped_matmul(x, self.w_gate, counts)) * h
-        else:
-            h = self.act(h)
-        y = grouped_matmul(h, self.w2, counts)
-        if self.bias_mode == "split" and self.b2 is not None:
-            y = y + self.b2 / self.bias_k
-        return y
-
-    def to_dense_ffn(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]:
-        """Reassemble the dense FFN in the original neuron order, ``nn.Linear`` layout.
-
-        Returns:
-            ``(w1 [F, d], b1 [F] | None, w2 [d_out, F], b2 [d_out] | None, w_gate [F, d] | None)``.
-        """
+    def to_dense_ffn(self) -> FFNWeights:
+        """Reassemble the dense FFN in the original neuron order, ``nn.Linear`` layout (detached copies)."""
         order = torch.argsort(self.groups.reshape(-1))
         with torch.no_grad():
             w1 = self.w1.transpose(1, 2).reshape(-1, self.in_features)[order].clone()
@@ -228,7 +199,7 @@ class SlicedExperts(ExpertBank):
                 if self.w_gate is not None
                 else None
             )
-        return w1, b1, w2, b2, wg
+        return FFNWeights(w1, w2, w_gate=wg, b1=b1, b2=b2, activation=self.activation)
 
     def extra_repr(self) -> str:
         return (

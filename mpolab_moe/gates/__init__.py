@@ -1,8 +1,9 @@
-"""Gates: ``x [T, d] -> Routing``. Every gate works with every expert bank."""
+"""Gates: ``x [T, d] -> Routing``; each declares what it needs from the expert bank (:mod:`.base`)."""
 
 from .avg_k import AvgKGate, refresh_avg_k_gates
-from .base import Gate, load_balancing_loss, router_z_loss
+from .base import BankBoundGate, Gate, load_balancing_loss, router_z_loss
 from .moefication import GroundTruthGate, MLPGate, SimilarityGate, activation_mass_captured, train_mlp_gate
+from .single import SingleExpertGate
 from .soft_merge import SoftMergeGate
 from .top_any import AdaptResult, TopAnyGate
 from .top_k import TopKGate
@@ -10,10 +11,12 @@ from .top_k import TopKGate
 __all__ = [
     "AdaptResult",
     "AvgKGate",
+    "BankBoundGate",
     "Gate",
     "GroundTruthGate",
     "MLPGate",
     "SimilarityGate",
+    "SingleExpertGate",
     "SoftMergeGate",
     "TopAnyGate",
     "TopKGate",

@@ -24,8 +24,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from mpolab.utils import check_choice, check_non_negative_float, check_positive_int
+
+from ..experts.base import Capability, ExpertBank
 from ..routing import Routing
-from .base import Gate, check_finite_logits, load_balancing_loss
+from .base import BankBoundGate, check_finite_logits, check_k, load_balancing_loss, top_k_weights
 
 __all__ = ["AvgKGate", "refresh_avg_k_gates"]
 
@@ -33,7 +36,7 @@ Score = Literal["keys", "activation"]
 SCORES = ("keys", "activation")
 
 
-class AvgKGate(Gate):
+class AvgKGate(BankBoundGate):
     """EMoE's avg-k top-k gate over an expert bank that exposes ``keys() -> [E, F/E, d]``.
 
     Args:
@@ -55,6 +58,9 @@ class AvgKGate(Gate):
         keys: ``[E, m, d]`` keys to use when the bank has none (MPO or dense experts), or without
             a layer; a bank with ``keys()`` replaces them at :meth:`bind`.
 
+    Requires (:meth:`requires`): a bank with ``Capability.KEYS`` unless ``keys`` are given, and one
+    with ``Capability.NEURON_GROUPS`` (activation, biases) for ``score="activation"``.
+
     Attributes:
         router: ``[E, d]`` fp32 buffer, the mean key rows from the last :meth:`refresh`.
 
@@ -64,6 +70,8 @@ class AvgKGate(Gate):
         >>> torch.allclose(layer(x), F.relu(x @ w1.T) @ w2.T)                  # the dense FFN
         True
     """
+
+    fp32_tensors = ("router",)
 
     def __init__(
         self,
@@ -80,21 +88,13 @@ class AvgKGate(Gate):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("num_experts", num_experts), ("k", k)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if k > num_experts:
-            raise ValueError(f"k={k} exceeds num_experts={num_experts}; valid: 1 <= k <= num_experts")
-        if score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if not isinstance(gate_noise, (int, float)) or gate_noise < 0:
-            raise ValueError(f"gate_noise must be a number >= 0, got {gate_noise!r}")
-        if not isinstance(balance_loss_weight, (int, float)) or balance_loss_weight < 0:
-            raise ValueError(f"balance_loss_weight must be a number >= 0, got {balance_loss_weight!r}")
-        self.d_model, self.num_experts, self.k = d_model, num_experts, k
+        self.d_model = check_positive_int(d_model, "d_model")
+        self.num_experts = check_positive_int(num_experts, "num_experts")
+        self.k = check_k(k, num_experts)
+        self.score = check_choice(score, "score", SCORES)
+        self.gate_noise = check_non_negative_float(gate_noise, "gate_noise")
+        self.balance_loss_weight = check_non_negative_float(balance_loss_weight, "balance_loss_weight")
         self.one_score, self.normalize = bool(one_score), bool(normalize)
-        self.gate_noise, self.score = float(gate_noise), score
-        self.balance_loss_weight = float(balance_loss_weight)
         self.register_buffer("router", torch.zeros(num_experts, d_model, device=device))
         # the bank is held outside the module tree (it belongs to the MoE layer, not to the gate)
         self.__dict__["_bank"] = None
@@ -116,22 +116,28 @@ class AvgKGate(Gate):
         if keys.shape[2] != self.d_model:
             raise ValueError(f"keys have width {keys.shape[2]}, the gate expects d_model={self.d_model}")
 
-    def bind(self, experts: nn.Module) -> None:
+    def requires(self) -> frozenset[Capability]:
+        """``KEYS`` unless built with ``keys=``; ``NEURON_GROUPS`` for ``score="activation"``."""
+        if self.score == "activation":
+            return frozenset({Capability.KEYS, Capability.NEURON_GROUPS})
+        return frozenset() if self.__dict__["_keys"] is not None else frozenset({Capability.KEYS})
+
+    def bind(self, experts: ExpertBank) -> None:
         """Take the keys from ``experts.keys()`` (``[E, F/E, d]``) and derive the router from them.
 
-        A gate built with ``keys=`` keeps them when the bank has no ``keys()`` (e.g. MPO or dense
+        A gate built with ``keys=`` keeps them when the bank has no keys (e.g. MPO or dense
         experts routed by the mean key rows of a MoEfication split of the same FFN).
+
+        Raises:
+            TypeError: the bank lacks a capability :meth:`requires` names.
         """
-        if self.__dict__["_keys"] is not None and not callable(getattr(experts, "keys", None)):
+        missing = self.requires() - experts.capabilities
+        if missing:
+            names = ", ".join(sorted(c.name for c in missing))
+            raise TypeError(f"AvgKGate needs a bank with {names} (SlicedExperts), got {type(experts).__name__}")
+        if not experts.has(Capability.KEYS):
             return
-        if not callable(getattr(experts, "keys", None)):
-            raise TypeError(
-                "AvgKGate needs an expert bank with keys() -> [E, F/E, d] (SlicedExperts), "
-                f"got {type(experts).__name__}"
-            )
-        self._check_keys(experts.keys())
-        if self.score == "activation" and not callable(getattr(experts, "act", None)):
-            raise TypeError(f"score='activation' needs the bank's activation (.act); {type(experts).__name__} has none")
+        self._check_keys(experts.keys())  # type: ignore[attr-defined]
         self.__dict__["_bank"] = experts
         self.bound = True
         self.refresh()
@@ -196,22 +202,11 @@ class AvgKGate(Gate):
             logits = logits + torch.randn_like(logits) * (self.gate_noise / self.num_experts)
         probs = logits.softmax(-1)
         top_p, top_i = probs.topk(self.k, dim=-1)
-        if self.one_score:
-            weight = torch.ones_like(top_p)
-        elif self.normalize:
-            weight = top_p / top_p.sum(-1, keepdim=True).clamp_min(torch.finfo(top_p.dtype).tiny)
-        else:
-            weight = top_p
+        weight = torch.ones_like(top_p) if self.one_score else top_k_weights(top_p, normalize=self.normalize)
         aux: dict[str, Tensor] = {}
         if self.balance_loss_weight:
             aux["balance"] = self.balance_loss_weight * load_balancing_loss(probs, top_i[:, 0])
         return Routing(top_i, weight, self.num_experts, aux_losses=aux, probs=probs.detach())
-
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        super()._apply(fn, recurse)
-        if self.router.dtype != torch.float32:  # the router stays fp32 under model.half()
-            self.router = self.router.float()
-        return self
 
     def extra_repr(self) -> str:
         return (

@@ -1,32 +1,106 @@
-"""The gate interface: ``x [T, d] -> Routing``."""
+"""The gate contract: ``x [T, d] -> Routing``, with what it requires of the expert bank.
+
+A gate declares
+
+* whether it routes *softly* (:attr:`Gate.soft`: every expert gets a weight, :meth:`Routing.soft
+  <mpolab_moe.Routing.soft>`) or sparsely (expert ids and combine weights);
+* which bank :class:`~mpolab_moe.experts.base.Capability` it needs (:meth:`Gate.requires`, per
+  instance: EMoE's avg-k gate needs neuron keys only when it was not given keys of its own);
+* whether it reads the bank's weights (:class:`BankBoundGate`: the :class:`~mpolab_moe.MoE` layer
+  calls :meth:`BankBoundGate.bind` once, after checking the requirements).
+
+Router tensors listed in :attr:`Gate.fp32_tensors` stay in float32 when the model is cast to half
+precision (``model.half()``, ``.to(torch.bfloat16)``), as Switch Transformers keep their routers.
+"""
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from mpolab.utils import check_positive_int
+
+from ..experts.base import Capability, ExpertBank
 from ..routing import Routing
 
-__all__ = ["Gate", "check_finite_logits", "load_balancing_loss", "router_z_loss"]
+__all__ = [
+    "BankBoundGate",
+    "Gate",
+    "check_finite_logits",
+    "check_k",
+    "load_balancing_loss",
+    "router_z_loss",
+    "top_k_weights",
+]
 
 
-class Gate(nn.Module):
+class Gate(nn.Module, ABC):
     """Base class of gates. Subclasses set ``num_experts`` and ``d_model`` and implement :meth:`forward`.
 
-    A gate may also implement ``bind(experts)``, which the :class:`~mpolab_moe.MoE` layer calls once
-    with its expert bank (gates that derive their router from the experts' weights, such as EMoE's
-    avg-k gate, use it).
+    Example:
+        >>> class First(Gate):
+        ...     def __init__(self, d, E):
+        ...         super().__init__(); self.d_model, self.num_experts = d, E
+        ...     def forward(self, x):
+        ...         return Routing(torch.zeros(x.shape[0], 1, dtype=torch.long), torch.ones(x.shape[0], 1), self.num_experts)
     """
 
     num_experts: int
     d_model: int
+    #: ``True`` for gates that return soft routing (a weight for every expert).
+    soft: ClassVar[bool] = False
+    #: Names of parameters/buffers kept in float32 under ``.half()`` / ``.to(bfloat16)``.
+    fp32_tensors: ClassVar[tuple[str, ...]] = ()
 
-    def forward(self, x: Tensor) -> Routing:  # pragma: no cover - interface
+    @abstractmethod
+    def forward(self, x: Tensor) -> Routing:
         """``x [T, d]`` -> :class:`Routing` for the ``T`` tokens."""
-        raise NotImplementedError
 
-    def bind(self, experts: nn.Module) -> None:
-        """Called by the layer with its expert bank; the default does nothing."""
+    def requires(self) -> frozenset[Capability]:
+        """The bank capabilities this gate needs (none by default)."""
+        return frozenset()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Gate:
+        super()._apply(fn, recurse)
+        for name in self.fp32_tensors:
+            tensor = getattr(self, name)
+            if tensor.dtype == torch.float32:
+                continue
+            if isinstance(tensor, nn.Parameter):
+                tensor.data = tensor.data.float()
+            else:
+                self._buffers[name] = tensor.float()
+        return self
+
+
+class BankBoundGate(Gate):
+    """A gate that reads its expert bank's weights; :class:`~mpolab_moe.MoE` calls :meth:`bind` once.
+
+    ``bind`` runs after the layer has checked :meth:`requires` against the bank's capabilities.
+    """
+
+    @abstractmethod
+    def bind(self, experts: ExpertBank) -> None:
+        """Take what the gate needs from ``experts`` (the layer's bank)."""
+
+
+def check_k(k: object, num_experts: int, name: str = "k") -> int:
+    """``k`` (experts per token) as an int in ``[1, num_experts]``; the error names ``name``."""
+    value = check_positive_int(k, name)
+    if value > num_experts:
+        raise ValueError(f"{name}={value} exceeds num_experts={num_experts}; valid: 1 <= {name} <= num_experts")
+    return value
+
+
+def top_k_weights(top_p: Tensor, *, normalize: bool) -> Tensor:
+    """The ``k`` selected probabilities ``[T, k]``, renormalised to sum to 1 when ``normalize``."""
+    if not normalize:
+        return top_p
+    return top_p / top_p.sum(-1, keepdim=True).clamp_min(torch.finfo(top_p.dtype).tiny)
 
 
 def check_finite_logits(logits: Tensor, where: str) -> None:

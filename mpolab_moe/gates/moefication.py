@@ -33,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..experts.sliced import SlicedExperts
+from mpolab.utils import check_fraction, check_positive_int
+
+from ..experts.base import Capability, ExpertBank, NeuronGroupBank
 from ..routing import Routing
-from .base import Gate, check_finite_logits
+from .base import BankBoundGate, Gate, check_finite_logits, check_k
 
 __all__ = [
     "GroundTruthGate",
@@ -49,16 +51,13 @@ __all__ = [
 ]
 
 
-def _check_bank(bank: object) -> SlicedExperts:
-    if not isinstance(bank, SlicedExperts):
-        raise TypeError(f"MoEfication routers need a SlicedExperts bank, got {type(bank).__name__}")
-    return bank
-
-
-def _check_k(k: object, num_experts: int) -> int:
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_experts:
-        raise ValueError(f"k must be an int with 1 <= k <= num_experts={num_experts}, got {k!r}")
-    return k
+def _check_bank(bank: object) -> NeuronGroupBank:
+    if not isinstance(bank, ExpertBank) or not bank.has(Capability.NEURON_GROUPS):
+        raise TypeError(
+            "MoEfication routers need a bank split into neuron groups (Capability.NEURON_GROUPS: "
+            f"SlicedExperts), got {type(bank).__name__}"
+        )
+    return bank  # type: ignore[return-value]
 
 
 def _check_tokens(x: Tensor, d_model: int, where: str) -> None:
@@ -73,19 +72,21 @@ def _top_k_routing(scores: Tensor, k: int, num_experts: int) -> Routing:
     return Routing(index, torch.ones(index.shape, dtype=torch.float32, device=scores.device), num_experts)
 
 
-def expert_activation_mass(bank: SlicedExperts, x: Tensor) -> Tensor:
+def expert_activation_mass(bank: NeuronGroupBank, x: Tensor) -> Tensor:
     """Each expert's activation mass for each token: ``x [T, d]`` -> ``[T, E]`` (``>= 0``, no gradient)."""
-    _check_tokens(x, bank.in_features, "expert_activation_mass")
+    _check_tokens(x, _check_bank(bank).in_features, "expert_activation_mass")  # type: ignore[attr-defined]
     with torch.no_grad():
-        return bank.activity(x.to(bank.w1.dtype)).sum(-1)
+        return bank.activity(x.to(bank.keys().dtype)).sum(-1)
 
 
-def expert_centers(bank: SlicedExperts) -> Tensor:
-    """``[E, d]``: the mean of each expert's L2-normalised key rows (:meth:`SlicedExperts.keys`)."""
-    return F.normalize(_check_bank(bank).keys().detach().float(), dim=-1).mean(1)
+def expert_centers(bank: ExpertBank) -> Tensor:
+    """``[E, d]``: the mean of each expert's L2-normalised key rows (a bank with ``Capability.KEYS``)."""
+    if not isinstance(bank, ExpertBank) or not bank.has(Capability.KEYS):
+        raise TypeError(f"expert centers need a bank with keys (Capability.KEYS: SlicedExperts), got {type(bank).__name__}")
+    return F.normalize(bank.keys().detach().float(), dim=-1).mean(1)  # type: ignore[attr-defined]
 
 
-class GroundTruthGate(Gate):
+class GroundTruthGate(BankBoundGate):
     """Oracle router: the ``k`` experts with the largest activation mass for each token.
 
     Computes the full dense intermediate activation to choose, so it is an upper bound for the
@@ -96,28 +97,33 @@ class GroundTruthGate(Gate):
             owns it; :meth:`bind` follows the layer's bank).
         k: experts per token.
 
+    Requires ``Capability.NEURON_GROUPS`` of the layer's bank.
+
     Example:
         >>> layer = MoE(GroundTruthGate(bank, k=4), bank)
     """
 
-    def __init__(self, bank: SlicedExperts, k: int) -> None:
+    def __init__(self, bank: ExpertBank, k: int) -> None:
         super().__init__()
         _check_bank(bank)
         self.num_experts, self.d_model = bank.num_experts, bank.in_features
-        self.k = _check_k(k, bank.num_experts)
+        self.k = check_k(k, bank.num_experts)
         self._bank = [bank]  # a list keeps nn.Module from registering the bank twice
 
     @property
-    def bank(self) -> SlicedExperts:
+    def bank(self) -> ExpertBank:
         return self._bank[0]
 
-    def bind(self, experts: nn.Module) -> None:
+    def requires(self) -> frozenset[Capability]:
+        return frozenset({Capability.NEURON_GROUPS})
+
+    def bind(self, experts: ExpertBank) -> None:
         """Route for the layer's bank from now on (must have this gate's shape)."""
         bank = _check_bank(experts)
         if (bank.num_experts, bank.in_features) != (self.num_experts, self.d_model):
             raise ValueError(f"bank has {bank.num_experts} experts of width {bank.in_features}; gate expects "
                              f"{self.num_experts} of {self.d_model}")  # fmt: skip
-        self._bank = [bank]
+        self._bank = [experts]
 
     def forward(self, x: Tensor) -> Routing:
         """``x [T, d]`` -> top-k :class:`Routing` with weight 1."""
@@ -131,12 +137,14 @@ class GroundTruthGate(Gate):
         return f"num_experts={self.num_experts}, k={self.k}"
 
 
-class SimilarityGate(Gate):
+class SimilarityGate(BankBoundGate):
     """Route to the ``k`` experts whose center is nearest the normalised token (MoEfication).
 
     ``center_e`` = mean of expert ``e``'s L2-normalised key rows (:func:`expert_centers`); a token picks
     the ``k`` smallest ``||x / ||x|| - center_e||``. No parameters; :meth:`refresh` re-derives the
-    centers after the bank's weights change. Combine weights are 1.
+    centers after the bank's weights change. Combine weights are 1. In a layer whose bank has keys
+    the centers follow that bank (:meth:`bind`); with another bank (dense, MPO) the centers of the
+    bank given here stay.
 
     Example:
         >>> layer = MoE(SimilarityGate(bank, k=4), bank)
@@ -144,19 +152,19 @@ class SimilarityGate(Gate):
 
     centers: Tensor
 
-    def __init__(self, bank: SlicedExperts, k: int) -> None:
+    def __init__(self, bank: ExpertBank, k: int) -> None:
         super().__init__()
-        _check_bank(bank)
-        self.num_experts, self.d_model = bank.num_experts, bank.in_features
-        self.k = _check_k(k, bank.num_experts)
         self.register_buffer("centers", expert_centers(bank))
+        self.num_experts, self.d_model = bank.num_experts, bank.in_features
+        self.k = check_k(k, bank.num_experts)
 
-    def refresh(self, bank: SlicedExperts) -> None:
+    def refresh(self, bank: ExpertBank) -> None:
         """Recompute the centers from ``bank``'s current keys."""
         self.centers = expert_centers(bank).to(self.centers.device)
 
-    def bind(self, experts: nn.Module) -> None:
-        if isinstance(experts, SlicedExperts) and experts.num_experts == self.num_experts:
+    def bind(self, experts: ExpertBank) -> None:
+        """Follow the layer's bank when it has keys."""
+        if experts.has(Capability.KEYS):
             self.refresh(experts)
 
     def forward(self, x: Tensor) -> Routing:
@@ -190,11 +198,9 @@ class MLPGate(Gate):
 
     def __init__(self, d_model: int, num_experts: int, k: int, *, centers: Tensor | None = None) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("num_experts", num_experts)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.d_model, self.num_experts = d_model, num_experts
-        self.k = _check_k(k, num_experts)
+        self.d_model = check_positive_int(d_model, "d_model")
+        self.num_experts = check_positive_int(num_experts, "num_experts")
+        self.k = check_k(k, num_experts)
         self.fc1 = nn.Linear(d_model, num_experts, bias=False)
         self.fc2 = nn.Linear(num_experts, num_experts, bias=False)
         with torch.no_grad():
@@ -205,7 +211,7 @@ class MLPGate(Gate):
                 self.fc1.weight.copy_(centers)
 
     @classmethod
-    def from_bank(cls, bank: SlicedExperts, k: int) -> MLPGate:
+    def from_bank(cls, bank: ExpertBank, k: int) -> MLPGate:
         """An untrained router for ``bank``, first layer = :func:`expert_centers`."""
         centers = expert_centers(bank)
         return cls(bank.in_features, bank.num_experts, k, centers=centers).to(centers.device)
@@ -243,7 +249,7 @@ class MLPGateTraining:
 
 def train_mlp_gate(
     gate: MLPGate,
-    bank: SlicedExperts,
+    bank: NeuronGroupBank,
     hidden_states: Tensor,
     *,
     epochs: int = 30,
@@ -291,11 +297,10 @@ def train_mlp_gate(
     _check_tokens(hidden_states, gate.d_model, "train_mlp_gate")
     if hidden_states.shape[0] == 0:
         raise ValueError("train_mlp_gate needs at least one recorded token")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    check_positive_int(epochs, "epochs")
+    check_positive_int(batch_size, "batch_size")
+    if val_fraction != 0:
+        check_fraction(val_fraction, "val_fraction")
     device = gate.fc1.weight.device
     x_all = hidden_states.detach().to(device, gate.fc1.weight.dtype)
     generator = torch.Generator().manual_seed(seed)
@@ -334,7 +339,7 @@ def train_mlp_gate(
 
 
 def activation_mass_captured(
-    bank: SlicedExperts,
+    bank: NeuronGroupBank,
     hidden_states: Tensor,
     routing_or_gate: Routing | Gate | Tensor,
     k: int | None = None,
@@ -365,7 +370,7 @@ def activation_mass_captured(
         elif isinstance(routing_or_gate, Tensor) and routing_or_gate.is_floating_point():
             if k is None:
                 raise ValueError("k is required when routing_or_gate is a score tensor [N, E]")
-            index = routing_or_gate.topk(_check_k(k, bank.num_experts), dim=-1).indices
+            index = routing_or_gate.topk(check_k(k, bank.num_experts), dim=-1).indices  # type: ignore[attr-defined]
         elif isinstance(routing_or_gate, Tensor):
             index = routing_or_gate.long()
         else:

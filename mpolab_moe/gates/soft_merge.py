@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpolab.utils import check_positive_int
+
 from ..routing import Routing
-from .base import Gate, check_finite_logits
+from .base import Gate, check_finite_logits, check_k
 
 __all__ = ["SoftMergeGate"]
 
@@ -33,6 +35,9 @@ class SoftMergeGate(Gate):
         (torch.Size([6, 10]), True)
     """
 
+    soft = True
+    fp32_tensors = ("weight",)
+
     def __init__(
         self,
         d_model: int,
@@ -42,13 +47,10 @@ class SoftMergeGate(Gate):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("num_experts", num_experts)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if top_k is not None and (
-            not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts
-        ):
-            raise ValueError(f"top_k must be None or an int in [1, num_experts={num_experts}], got {top_k!r}")
+        check_positive_int(d_model, "d_model")
+        check_positive_int(num_experts, "num_experts")
+        if top_k is not None:
+            check_k(top_k, num_experts, "top_k")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, device=device, dtype=torch.float32))
         self.reset_parameters()
@@ -73,13 +75,6 @@ class SoftMergeGate(Gate):
             top_p, top_i = probs.topk(self.top_k, dim=-1)
             weight = torch.zeros_like(probs).scatter(-1, top_i, top_p)
         return Routing.soft(weight, probs=probs.detach())
-
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # the router stays fp32 under model.half() / .to(bfloat16)
-        super()._apply(fn, recurse)
-        if self.weight.dtype != torch.float32:
-            self.weight.data = self.weight.data.float()
-        return self
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}"

@@ -35,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpolab.utils import check_non_negative_float, check_positive_int
+
 from ..routing import Routing
-from .base import Gate, check_finite_logits
+from .base import Gate, check_finite_logits, check_k
 
 __all__ = ["AUX_TERMS", "AdaptResult", "TopAnyGate"]
 
@@ -101,6 +103,8 @@ class TopAnyGate(Gate):
         >>> result.removed, result.added, gate.num_active                # e.g. ([], 2, 3)
     """
 
+    fp32_tensors = ("weight", "threshold_logits", "unrouted_sum")
+
     def __init__(
         self,
         d_model: int,
@@ -116,15 +120,11 @@ class TopAnyGate(Gate):
     ) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("num_experts", num_experts), ("record_steps", record_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(value, name)
         if not isinstance(idle_steps, int) or isinstance(idle_steps, bool) or idle_steps < 0:
             raise ValueError(f"idle_steps must be an int >= 0, got {idle_steps!r}")
-        num_active = num_experts if num_active is None else num_active
-        if not isinstance(num_active, int) or isinstance(num_active, bool) or not 1 <= num_active <= num_experts:
-            raise ValueError(f"num_active must be an int in [1, num_experts={num_experts}], got {num_active!r}")
-        if not isinstance(aux_loss_weight, (int, float)) or aux_loss_weight < 0:
-            raise ValueError(f"aux_loss_weight must be a number >= 0, got {aux_loss_weight!r}")
+        num_active = check_k(num_experts if num_active is None else num_active, num_experts, "num_active")
+        check_non_negative_float(aux_loss_weight, "aux_loss_weight")
         if isinstance(aux_terms, str):
             aux_terms = (aux_terms,)
         unknown = [t for t in aux_terms if t not in AUX_TERMS]
@@ -340,16 +340,6 @@ class TopAnyGate(Gate):
             for value in optimizer.state.get(param, {}).values():
                 if isinstance(value, Tensor) and value.shape == param.shape:
                     value.select(dim, slot).zero_()
-
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # keep the router in fp32 under model.half() / .to(bfloat16)
-        super()._apply(fn, recurse)
-        for p in (self.weight, self.threshold_logits):
-            if p.dtype != torch.float32:
-                p.data = p.data.float()
-        if self.unrouted_sum.dtype != torch.float32:
-            self.unrouted_sum = self.unrouted_sum.float()
-        return self
 
     def extra_repr(self) -> str:
         schedule = f"record={self.record_steps}, idle={self.idle_steps}" if self.adaptive else "manual"

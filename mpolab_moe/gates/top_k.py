@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpolab.utils import check_choice, check_non_negative_float, check_positive_int
+
 from ..routing import Routing
-from .base import Gate, check_finite_logits, load_balancing_loss, router_z_loss
+from .base import Gate, check_finite_logits, check_k, load_balancing_loss, router_z_loss, top_k_weights
 
 __all__ = ["TopKGate"]
 
@@ -45,6 +47,8 @@ class TopKGate(Gate):
         (torch.Size([10, 2]), dict_keys(['balance']))
     """
 
+    fp32_tensors = ("weight",)
+
     def __init__(
         self,
         d_model: int,
@@ -60,23 +64,22 @@ class TopKGate(Gate):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("num_experts", num_experts), ("k", k)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if k > num_experts:
-            raise ValueError(f"k={k} exceeds num_experts={num_experts}; valid: 1 <= k <= num_experts")
-        if noise not in (None, "jitter", "gaussian"):
-            raise ValueError(f"noise must be None, 'jitter' or 'gaussian', got {noise!r}")
-        if weighting not in ("prob", "one"):
-            raise ValueError(f"weighting must be 'prob' or 'one', got {weighting!r}")
-        if noise_eps < 0 or balance_loss_weight < 0 or z_loss_weight < 0:
-            raise ValueError("noise_eps, balance_loss_weight and z_loss_weight must be >= 0")
-        self.d_model, self.num_experts, self.k = d_model, num_experts, k
+        check_positive_int(d_model, "d_model")
+        self.k = check_k(k, check_positive_int(num_experts, "num_experts"))
+        check_choice(noise, "noise", (None, "jitter", "gaussian"))
+        check_choice(weighting, "weighting", ("prob", "one"))
+        for name, value in (
+            ("noise_eps", noise_eps),
+            ("balance_loss_weight", balance_loss_weight),
+            ("z_loss_weight", z_loss_weight),
+        ):
+            check_non_negative_float(value, name)
+        self.d_model, self.num_experts = d_model, num_experts
         self.noise, self.noise_eps = noise, noise_eps
         self.normalize = k > 1 if normalize is None else normalize
         self.weighting = weighting
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
-        # the router stays fp32 even when the model is cast to half (see ``_apply``)
+        # the router stays fp32 even when the model is cast to half (Gate.fp32_tensors)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, device=device, dtype=torch.float32))
         self.reset_parameters()
 
@@ -100,8 +103,7 @@ class TopKGate(Gate):
         check_finite_logits(logits, type(self).__name__)
         probs = logits.softmax(dim=-1)
         top_p, top_i = probs.topk(self.k, dim=-1)
-        if self.normalize:
-            top_p = top_p / top_p.sum(-1, keepdim=True).clamp_min(torch.finfo(top_p.dtype).tiny)
+        top_p = top_k_weights(top_p, normalize=self.normalize)
         weight = top_p / top_p.detach().clamp_min(torch.finfo(top_p.dtype).tiny) if self.weighting == "one" else top_p
         aux: dict[str, Tensor] = {}
         if self.balance_loss_weight:
@@ -109,13 +111,6 @@ class TopKGate(Gate):
         if self.z_loss_weight:
             aux["z"] = self.z_loss_weight * router_z_loss(logits)
         return Routing(top_i, weight, self.num_experts, aux_losses=aux, probs=probs.detach())
-
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # keep the router weights in fp32 under model.half() / .to(bfloat16), as Switch does
-        super()._apply(fn, recurse)
-        if self.weight.dtype != torch.float32:
-            self.weight.data = self.weight.data.float()
-        return self
 
     def extra_repr(self) -> str:
         return (

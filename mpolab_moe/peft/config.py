@@ -17,7 +17,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
+from mpolab.utils import check_positive_int
+
 from ..experts.lora import LoRAInit
+from ..gates.base import check_k
 
 __all__ = [
     "ADAPTER_CONFIGS",
@@ -43,16 +46,9 @@ def _check_patterns(name: str, value: object, allow_none: bool = True) -> None:
     raise TypeError(f"{name} must be a name, a regex, a non-empty list of them, or None; got {value!r}")
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
 def _check_top_k(top_k: object, num_experts: int) -> None:
-    if top_k is None:
-        return
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be None or an int in [1, num_experts={num_experts}], got {top_k!r}")
+    if top_k is not None:
+        check_k(top_k, num_experts, "top_k")
 
 
 @dataclass
@@ -125,7 +121,7 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive_int("r", self.r)
+        check_positive_int(self.r, "r")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
@@ -159,7 +155,7 @@ class MoLoRAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive_int("num_experts", self.num_experts)
+        check_positive_int(self.num_experts, "num_experts")
         _check_top_k(self.top_k, self.num_experts)
 
 
@@ -210,7 +206,7 @@ class MoVConfig(IA3Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive_int("num_experts", self.num_experts)
+        check_positive_int(self.num_experts, "num_experts")
         _check_top_k(self.top_k, self.num_experts)
 
 

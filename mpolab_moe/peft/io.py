@@ -4,9 +4,13 @@ The folder holds the adapters' tensors (experts, routers, ``modules_to_save``) a
 of the config and of every adapted module (kind, in/out features, experts, feed-forward flag,
 scaled output slice). Loading never unpickles: the JSON is parsed, the adapters are rebuilt
 around the base model's layers, and the tensors are read with :func:`safetensors.torch.load_file`.
-Each file is written to a temporary file in the folder and moved into place with
-:func:`os.replace` once both are written (the config last), so a failed save leaves an earlier
-adapter intact.
+Both files are written with :func:`mpolab.utils.atomic_files`: to temporaries in the folder,
+fsynced, moved into place once both are complete (the config last), with ordinary
+``0666 & ~umask`` permissions; a failed save leaves an earlier adapter intact.
+
+Format 2 stores each adapter's tensors under its ``MoE`` (``<module>.moe.gate.weight``,
+``<module>.moe.experts.lora_A``, ...); format 1 folders (``<module>.router.weight``,
+``<module>.experts.lora_A``) still load.
 
 Example:
     >>> save_adapter(model, "adapter/")
@@ -17,13 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from mpolab.utils import atomic_files
 
 from .config import config_from_dict
 from .layers import base_features, can_wrap
@@ -39,15 +44,26 @@ from .model import (
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "FORMAT_VERSION", "load_adapter", "save_adapter"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Formats :func:`load_adapter` reads.
+READABLE_FORMATS = (1, 2)
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
+#: Format 1 kept each adapter's router and experts directly on the adapter module.
+_V1_PARTS = {".router.": ".moe.gate.", ".experts.": ".moe.experts."}
 
 
-def _temp_in(folder: Path, final_name: str) -> Path:
-    fd, name = tempfile.mkstemp(dir=folder, prefix=f".{final_name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
+def _from_format_1(tensors: dict[str, Tensor], adapters: list[str]) -> dict[str, Tensor]:
+    """Rename format-1 keys of the adapters' tensors (``<name>.router.*``) to format 2 (``<name>.moe.gate.*``)."""
+    out = {}
+    for key, value in tensors.items():
+        for name in adapters:
+            for old, new in _V1_PARTS.items():
+                if key.startswith(name + old):
+                    key = name + new + key[len(name + old) :]
+                    break
+        out[key] = value
+    return out
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
@@ -85,20 +101,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "modules": {name: layer.describe() for name, layer in layers.items()},
         "modules_to_save": list(getattr(model, SAVED_MODULES_ATTR, [])),
     }
-    pending: list[tuple[Path, Path]] = []
-    try:
-        tmp = _temp_in(folder, ADAPTER_WEIGHTS_NAME)
-        pending.append((tmp, folder / ADAPTER_WEIGHTS_NAME))
-        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt", "method": config.method})
-        tmp = _temp_in(folder, ADAPTER_CONFIG_NAME)
-        pending.append((tmp, folder / ADAPTER_CONFIG_NAME))
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        for tmp, final in pending:  # the config goes last
-            os.replace(tmp, final)
-    except BaseException:
-        for tmp, _ in pending:
-            tmp.unlink(missing_ok=True)
-        raise
+    metadata = {"format": "pt", "method": config.method}
+    with atomic_files(folder) as files:  # the config goes last: it marks the folder complete
+        files.write_with(ADAPTER_WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata))
+        files.write_text(ADAPTER_CONFIG_NAME, json.dumps(record, indent=2) + "\n")
     return folder
 
 
@@ -113,9 +119,9 @@ def _read_record(folder: Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path} is not valid JSON: {err}") from None
     version = record.get("format_version") if isinstance(record, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise ValueError(
-            f"{config_path}: unsupported adapter format {version!r}; this version reads format {FORMAT_VERSION}"
+            f"{config_path}: unsupported adapter format {version!r}; this version reads formats {READABLE_FORMATS}"
         )
     return record
 
@@ -165,6 +171,8 @@ def load_adapter(base: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     layers = build_layers(base, config, specs)
     expected = layers_state_dict(base, layers, saved)
     tensors = safetensors.torch.load_file(str(folder / ADAPTER_WEIGHTS_NAME))
+    if record["format_version"] == 1:
+        tensors = _from_format_1(tensors, list(layers))
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(

@@ -1,15 +1,19 @@
-"""Adapter modules: a frozen base layer plus a LoRA or (IA)³ expert bank, with an optional soft-merge router.
+"""Adapter modules: a frozen base layer composed with a :class:`~mpolab_moe.MoE` of LoRA or (IA)³ experts.
 
-* :class:`LoRALayer` (LoRA, MoLoRA): ``y = base(x) + Σ_e p_e(x) · s (x A_e) B_e``; the router reads
-  the layer input ``x``.
-* :class:`IA3Layer` (IA3, MoV): ``y = base(x) ⊙ Σ_e p_e(h) l_e`` with ``h = base(x)``, or, for a
-  feed-forward down projection, ``y = base(x ⊙ Σ_e p_e(x) l_e)``; the router reads the tensor
-  being scaled. With a single expert there is no router and the sums have one term.
+Every adapter holds ``moe = MoE(gate, bank)``: a :class:`~mpolab_moe.gates.soft_merge.SoftMergeGate`
+for a mixture (MoLoRA, MoV), a :class:`~mpolab_moe.gates.single.SingleExpertGate` for one expert
+(plain LoRA, (IA)³). The tokens go through ``MoE.forward``, so routing statistics
+(``adapter.moe.last_stats``) and aux losses work as for any MoE layer. How the MoE's output meets
+the base layer follows the bank's :class:`~mpolab_moe.experts.base.BankOutput`, in one place
+(:meth:`AdapterLayer.forward`):
+
+* ``UPDATE`` (:class:`LoRALayer`): ``y = base(x) + moe(x)``, ``moe(x) = Σ_e p_e(x) · s (x A_e) B_e``;
+* ``SCALED`` (:class:`IA3Layer`): the MoE rescales a tensor, ``y = moe(base(x))`` on the output
+  (optionally on a column slice of it), or ``y = base(moe(x))`` on the input for a feed-forward
+  down projection; the router reads the tensor being scaled.
 
 The base layer may be an ``nn.Linear``, Hugging Face's ``Conv1D`` (GPT-2) or an
-:class:`mpolab.MPOLinear`. The adapters call the banks and the gate directly (no
-:class:`~mpolab_moe.MoE` dispatch is needed for soft routing); the same banks also work inside
-``MoE`` with any gate.
+:class:`mpolab.MPOLinear`.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mpolab.compress import is_conv1d
 from mpolab.nn import MPOLinear
+from mpolab.utils import is_conv1d
 
+from ..experts.base import BankOutput, ExpertBank
 from ..experts.ia3 import IA3Experts
 from ..experts.lora import LoRAExperts, LoRAInit
+from ..gates.base import Gate
+from ..gates.single import SingleExpertGate
 from ..gates.soft_merge import SoftMergeGate
+from ..layer import MoE
 from ..routing import Routing
 
 __all__ = ["AdapterLayer", "IA3Layer", "LoRALayer", "base_features", "can_wrap"]
@@ -47,40 +55,64 @@ def base_features(module: nn.Module) -> tuple[int, int]:
 
 
 def _factory(module: nn.Module) -> dict[str, Any]:
-    if isinstance(module, MPOLinear):
-        ref = module.cores[0]
-    else:
-        ref = module.weight
+    ref = module.cores[0] if isinstance(module, MPOLinear) else module.weight
     return {"device": ref.device, "dtype": ref.dtype if ref.dtype.is_floating_point else None}
 
 
-def _router(width: int, num_experts: int, top_k: int | None, device: torch.device) -> SoftMergeGate | None:
-    """A soft-merge router for a mixture; ``None`` for a single expert (plain LoRA / IA3)."""
+def _gate(width: int, num_experts: int, top_k: int | None, device: torch.device) -> Gate:
+    """A soft-merge router for a mixture; the single-expert gate for one expert (plain LoRA / IA3)."""
     if num_experts == 1:
         if top_k not in (None, 1):
             raise ValueError(f"top_k={top_k!r} needs num_experts > 1 (a single expert has no router)")
-        return None
+        return SingleExpertGate(width)
     return SoftMergeGate(width, num_experts, top_k, device=device)
 
 
 class AdapterLayer(nn.Module):
-    """Base class: holds the frozen ``base_layer``, the ``experts`` bank and the ``router`` (or ``None``).
+    """Base class: the frozen ``base_layer`` and ``moe`` (its gate and expert bank), composed in :meth:`forward`.
 
     ``weight`` and ``bias`` read through to the base layer, for model code that inspects them
     (T5 reads ``wo.weight.dtype``).
+
+    Args:
+        base_layer: ``nn.Linear``, ``Conv1D`` or ``MPOLinear``.
+        bank: the experts; their ``output_kind`` says how they compose with the base layer.
+        top_k: the router's optional top-k mask (mixtures only).
+        scale_input: for a ``SCALED`` bank, scale the base layer's input instead of its output.
+        out_slice: for a ``SCALED`` bank on the output, the ``(start, stop)`` columns it scales.
     """
 
-    base_layer: nn.Module
-    experts: nn.Module
-    router: SoftMergeGate | None
-
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        bank: ExpertBank,
+        *,
+        top_k: int | None = None,
+        scale_input: bool = False,
+        out_slice: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
         if isinstance(base_layer, AdapterLayer):
             raise ValueError("this layer already has an adapter; adapters do not stack")
         self.in_features, self.out_features = base_features(base_layer)
         self.base_layer = base_layer
-        self.last_routing: Routing | None = None
+        self.feedforward, self.out_slice = bool(scale_input), out_slice
+        gate = _gate(bank.in_features, bank.num_experts, top_k, _factory(base_layer)["device"])
+        self.moe = MoE(gate, bank)
+
+    @property
+    def experts(self) -> ExpertBank:
+        return self.moe.experts
+
+    @property
+    def router(self) -> SoftMergeGate | None:
+        """The soft-merge router of a mixture, ``None`` for a single expert."""
+        gate = self.moe.gate
+        return gate if isinstance(gate, SoftMergeGate) else None
+
+    @property
+    def last_routing(self) -> Routing | None:
+        return self.moe.last_routing
 
     @property
     def weight(self) -> Tensor:
@@ -94,13 +126,20 @@ class AdapterLayer(nn.Module):
     def routed(self) -> bool:
         return self.router is not None
 
-    def _route(self, h: Tensor) -> Tensor:
-        """``h [T, d]`` -> soft weights ``[T, E]`` (kept in :attr:`last_routing`)."""
-        assert self.router is not None
-        routing = self.router(h)
-        self.last_routing = routing
-        assert routing.soft_weight is not None
-        return routing.soft_weight
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [..., d_in]`` -> ``[..., d_out]``: the base layer and the MoE, composed by the bank's output kind."""
+        if self.experts.output_kind is BankOutput.UPDATE:  # LoRA: base(x) + Σ p_e Δ_e(x)
+            y = self.base_layer(x)
+            return y + self.moe(x).to(y.dtype)
+        if self.experts.output_kind is not BankOutput.SCALED:
+            raise TypeError(f"an adapter composes UPDATE or SCALED banks, not {self.experts.output_kind}")
+        if self.feedforward:  # IA3 on the input: base(x ⊙ l(x))
+            return self.base_layer(self.moe(x))
+        y = self.base_layer(x)  # IA3 on the output: y ⊙ l(y), on all columns or a slice
+        if self.out_slice is None:
+            return self.moe(y)
+        a, b = self.out_slice
+        return torch.cat([y[..., :a], self.moe(y[..., a:b]), y[..., b:]], dim=-1)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready record of this adapter's structure (enough to rebuild it on the same base)."""
@@ -110,7 +149,8 @@ class AdapterLayer(nn.Module):
         """Fold the adapter into the base layer's weights and return the base layer."""
         raise NotImplementedError
 
-    def _check_mergeable(self, name: str = "") -> None:
+    def check_mergeable(self, name: str = "") -> None:
+        """Raise ``ValueError`` (naming ``name``) unless :meth:`merge` can fold this adapter into its base."""
         where = f" {name}" if name else ""
         if self.router is not None:
             raise ValueError(
@@ -156,32 +196,15 @@ class LoRALayer(AdapterLayer):
         init: LoRAInit = "kaiming",
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(base_layer)
-        kw = _factory(base_layer)
-        self.experts = LoRAExperts(
-            self.in_features,
-            self.out_features,
-            num_experts,
-            r,
-            alpha,
-            use_rslora=use_rslora,
-            init=init,
-            dropout=dropout,
-            **kw,
+        d_in, d_out = base_features(base_layer)
+        bank = LoRAExperts(
+            d_in, d_out, num_experts, r, alpha, use_rslora=use_rslora, init=init, dropout=dropout, **_factory(base_layer)
         )
-        self.router = _router(self.in_features, num_experts, top_k, kw["device"])
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)
-        tokens = x.reshape(-1, self.in_features)
-        if self.router is None:
-            delta = self.experts(tokens, [tokens.shape[0]])
-        else:
-            delta = self.experts.forward_soft(tokens, self._route(tokens))
-        return y + delta.view(y.shape).to(y.dtype)
+        super().__init__(base_layer, bank, top_k=top_k)
 
     def describe(self) -> dict[str, Any]:
         e = self.experts
+        assert isinstance(e, LoRAExperts)
         return {
             "kind": "lora",
             "in_features": self.in_features,
@@ -195,8 +218,9 @@ class LoRALayer(AdapterLayer):
 
     @torch.no_grad()
     def merge(self) -> nn.Module:
-        self._check_mergeable()
+        self.check_mergeable()
         base = self.base_layer
+        assert isinstance(self.experts, LoRAExperts)
         delta = self.experts.delta_weight()  # [out, in]
         if is_conv1d(base):
             base.weight += delta.T.to(base.weight.dtype)
@@ -238,42 +262,22 @@ class IA3Layer(AdapterLayer):
         feedforward: bool = False,
         out_slice: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__(base_layer)
+        d_in, d_out = base_features(base_layer)
         if out_slice is not None:
             if feedforward:
                 raise ValueError("out_slice applies to output scaling; a feedforward IA3 layer scales its input")
             start, stop = (int(v) for v in out_slice)
-            if not 0 <= start < stop <= self.out_features:
-                raise ValueError(f"out_slice must satisfy 0 <= start < stop <= {self.out_features}, got {out_slice}")
-            out_slice = (start, stop)
-            if out_slice == (0, self.out_features):
-                out_slice = None
-        self.feedforward, self.out_slice = bool(feedforward), out_slice
+            if not 0 <= start < stop <= d_out:
+                raise ValueError(f"out_slice must satisfy 0 <= start < stop <= {d_out}, got {out_slice}")
+            out_slice = None if (start, stop) == (0, d_out) else (start, stop)
         if feedforward:
-            width = self.in_features
+            width = d_in
         elif out_slice is not None:
             width = out_slice[1] - out_slice[0]
         else:
-            width = self.out_features
-        kw = _factory(base_layer)
-        self.experts = IA3Experts(width, num_experts, **kw)
-        self.router = _router(width, num_experts, top_k, kw["device"])
-
-    def _scale(self, h: Tensor) -> Tensor:
-        """``h [..., w]`` -> ``h ⊙ l(h)``."""
-        if self.router is None:
-            return h * self.experts.vectors[0].to(h.dtype)
-        tokens = h.reshape(-1, h.shape[-1])
-        return self.experts.forward_soft(tokens, self._route(tokens)).view(h.shape)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.feedforward:
-            return self.base_layer(self._scale(x))
-        y = self.base_layer(x)
-        if self.out_slice is None:
-            return self._scale(y)
-        a, b = self.out_slice
-        return torch.cat([y[..., :a], self._scale(y[..., a:b]), y[..., b:]], dim=-1)
+            width = d_out
+        bank = IA3Experts(width, num_experts, **_factory(base_layer))
+        super().__init__(base_layer, bank, top_k=top_k, scale_input=feedforward, out_slice=out_slice)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -288,8 +292,9 @@ class IA3Layer(AdapterLayer):
 
     @torch.no_grad()
     def merge(self) -> nn.Module:
-        self._check_mergeable()
+        self.check_mergeable()
         base = self.base_layer
+        assert isinstance(self.experts, IA3Experts)
         scale = self.experts.vectors[0].to(base.weight.dtype)
         conv = is_conv1d(base)  # Conv1D weight [in, out], nn.Linear weight [out, in]
         if self.feedforward:

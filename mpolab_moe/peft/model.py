@@ -14,8 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from mpolab.compress import _matches, find_targets, is_conv1d
 from mpolab.nn import MPOLinear
+from mpolab.targets import find_targets, matches
+from mpolab.utils import is_conv1d, set_submodule
 
 from .config import AdapterConfig, IA3Config, LoRAConfig, MoLoRAConfig, MoVConfig, default_placement
 from .layers import WRAPPABLE, AdapterLayer, IA3Layer, LoRALayer, base_features, can_wrap
@@ -41,7 +42,7 @@ def _as_list(patterns: str | list[str]) -> list[str]:
 
 
 def _hits(name: str, patterns: str | list[str] | None) -> bool:
-    return patterns is not None and any(_matches(name, p) for p in _as_list(patterns))
+    return patterns is not None and any(matches(name, p) for p in _as_list(patterns))
 
 
 def model_type_of(model: nn.Module) -> str | None:
@@ -151,7 +152,7 @@ def plan(model: nn.Module, config: AdapterConfig) -> dict[str, dict[str, Any]]:
             "nothing is left to put an adapter on"
         )
     if isinstance(config, IA3Config) and config.feedforward_modules is not None:
-        stray = [p for p in _as_list(config.feedforward_modules) if not any(_matches(n, p) for n in found)]
+        stray = [p for p in _as_list(config.feedforward_modules) if not any(matches(n, p) for n in found)]
         if stray:
             raise ValueError(
                 f"{type(config).__name__}: feedforward_modules {stray} match none of the targets {list(found)[:8]}; "
@@ -175,17 +176,11 @@ def saved_modules(model: nn.Module, patterns: str | list[str] | None) -> list[st
         return []
     named = [n for n, _ in model.named_modules() if n]
     out = [n for n in named if _hits(n, patterns)]
-    missing = [p for p in _as_list(patterns) if not any(_matches(n, p) for n in named)]
+    missing = [p for p in _as_list(patterns) if not any(matches(n, p) for n in named)]
     if missing:
         raise ValueError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
     # keep the outermost matches only (a matched container covers its children)
     return [n for n in out if not any(n.startswith(o + ".") for o in out if o != n)]
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def build_layers(
@@ -199,10 +194,8 @@ def attach(model: nn.Module, config: AdapterConfig, layers: Mapping[str, Adapter
     """Freeze ``model``, put ``layers`` in place, unfreeze the adapters and the ``saved`` modules."""
     model.requires_grad_(False)
     for name, layer in layers.items():
-        _set_submodule(model, name, layer)
-        layer.experts.requires_grad_(True)
-        if layer.router is not None:
-            layer.router.requires_grad_(True)
+        set_submodule(model, name, layer)
+        layer.moe.requires_grad_(True)  # the experts and the router
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
@@ -313,9 +306,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("the model has no mpolab adapters to merge (get_model adds them)")
     for name, layer in layers.items():
-        layer._check_mergeable(name)
+        layer.check_mergeable(name)
     for name, layer in layers.items():
-        _set_submodule(model, name, layer.merge())
+        set_submodule(model, name, layer.merge())
     for attr in (CONFIG_ATTR, SAVED_MODULES_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
