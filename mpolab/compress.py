@@ -28,7 +28,7 @@ from .options import TruncationOptions
 from .tables import TableReport
 from .targets import ALL_LINEAR, TargetModules, find_targets, layer_kind, matches, weight_matrix
 from .truncation import SVDBackend
-from .utils import is_conv1d, set_submodule
+from .utils import set_submodule
 
 __all__ = [
     "CompressionReport",
@@ -36,7 +36,6 @@ __all__ = [
     "allocate_ranks",
     "compress",
     "find_targets",
-    "is_conv1d",
     "mpo_modules",
     "uniform_rank_for_budget",
 ]

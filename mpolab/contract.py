@@ -140,9 +140,6 @@ def batch_class(batch: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(batch, 1))))
 
 
-_batch_class = batch_class  # deprecated alias, removed once mpolab_moe uses batch_class
-
-
 @functools.lru_cache(maxsize=512)
 def _merge_expression(shapes: CoreShapes) -> opt_einsum.contract.ContractExpression:
     return opt_einsum.contract_expression(_merge_equation(len(shapes)), *shapes, optimize="auto-hq")

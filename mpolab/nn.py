@@ -608,12 +608,3 @@ def init_cores_(cores: Sequence[torch.Tensor], target_std: float) -> None:
 def mpo_modules(model: nn.Module) -> dict[str, MPOModule]:
     """Every MPO layer in ``model``, by qualified name (``model`` itself under ``""``)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, MPOModule)}
-
-
-# Deprecated private aliases (old positional signature), kept until mpolab_moe uses the public names.
-def _random_mpo(out_features: int, in_features: int, max_rank: Any, *args: Any) -> MPO:
-    names = ("num_cores", "out_factors", "in_factors", "device", "dtype")
-    return random_mpo(out_features, in_features, max_rank=max_rank, **dict(zip(names, args)))
-
-
-_init_cores_ = init_cores_

@@ -8,8 +8,8 @@ import torch
 
 import mpolab
 from mpolab import cli
-from mpolab.nn import mpo_modules
 from mpolab.demo import run_demo
+from mpolab.nn import mpo_modules
 
 from ._hf import tiny_bert
 

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -5,6 +7,7 @@ from torch import nn
 import mpolab
 from mpolab import MPOEmbedding, MPOLinear
 from mpolab.compress import allocate_ranks, find_targets
+from mpolab.targets import weight_matrix
 
 from ._hf import FAMILIES, inputs_for, main_output
 
@@ -32,12 +35,31 @@ def test_exact_compression_keeps_outputs_and_trains(family):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
-def test_generate_works_after_compression(family):
-    model = FAMILIES[family]()
-    mpolab.compress(model, "all-linear", max_rank=8)
+def test_generate_after_compression(family):
+    torch.manual_seed(0)
+    dense = FAMILIES[family]().double()
     ids = inputs_for(family)["input_ids"][:1]
-    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
-    assert out.shape[-1] >= 3
+    steps = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    expected = dense.generate(input_ids=ids, **steps)
+
+    exact = copy.deepcopy(dense)
+    mpolab.compress(exact, "all-linear")
+    assert torch.equal(exact.generate(input_ids=ids, **steps), expected)  # exact ranks: the same tokens
+
+    truncated = copy.deepcopy(dense)
+    weights = {name: weight_matrix(m).clone() for name, m in find_targets(truncated).items()}
+    report = mpolab.compress(truncated, "all-linear", max_rank=2)
+    for r in report.layers:  # the reported error is the measured one
+        W = weights[r.name]
+        measured = float(torch.linalg.norm(W - truncated.get_submodule(r.name).weight) / torch.linalg.norm(W))
+        assert r.rel_error == pytest.approx(measured, rel=1e-6, abs=1e-12)
+    assert max(r.rel_error for r in report.layers) > 0.1
+    out = truncated.generate(input_ids=ids, **steps)
+    assert out.shape == expected.shape
+    with torch.no_grad():
+        kw = inputs_for(family)
+        y, y_hat = main_output(dense, dense(**kw)), main_output(truncated, truncated(**kw))
+    assert 0 < float(torch.linalg.norm(y - y_hat) / torch.linalg.norm(y)) < 1
 
 
 def test_gpt2_conv1d_is_compressed_with_its_transposed_weight():
@@ -192,7 +214,6 @@ def test_global_budget_is_spent_and_beats_a_uniform_cap():
     # The review's case: the allocator ignored bond feasibility, spent 3-5k of 16,640 parameters
     # and ended with a higher mean error than a uniform cap.
     from mpolab.allocate import uniform_rank_for_budget
-    from mpolab.targets import weight_matrix
 
     budget = 16_640
     allocated = mpolab.compress(_random_and_structured(), "all-linear", max_params=budget)
@@ -205,6 +226,28 @@ def test_global_budget_is_spent_and_beats_a_uniform_cap():
     uniform = mpolab.compress(model, "all-linear", max_rank=cap)
     assert uniform.params_after <= budget
     assert allocated.mean_rel_error < uniform.mean_rel_error
+
+
+def test_rank_pattern_layer_counts_against_the_global_budget():
+    budget = 16_640
+    free = mpolab.compress(_random_and_structured(), "all-linear", max_params=budget)
+    report = mpolab.compress(_random_and_structured(), "all-linear", max_params=budget, rank_pattern={"0": 3})
+    fixed = next(r for r in report.layers if r.name == "0")
+    other = next(r for r in report.layers if r.name == "1")
+    assert max(fixed.ranks) == 3  # the override holds
+    assert report.params_after <= budget and 0.97 * budget <= report.params_after
+    assert other.params_after <= budget - fixed.params_after  # the rest is what is left of the budget
+    free_other = next(r for r in free.layers if r.name == "1")
+    assert other.params_after != free_other.params_after or fixed.params_after == free.layers[0].params_after
+
+
+def test_options_object_is_the_same_as_keywords():
+    opts = mpolab.TruncationOptions(max_params=16_640, num_cores=4)
+    a = mpolab.compress(_random_and_structured(), "all-linear", options=opts)
+    b = mpolab.compress(_random_and_structured(), "all-linear", max_params=16_640, num_cores=4)
+    assert [r.ranks for r in a.layers] == [r.ranks for r in b.layers]
+    with pytest.raises(ValueError, match="not both"):
+        mpolab.compress(_random_and_structured(), "all-linear", options=opts, max_rank=4)
 
 
 def test_a_bare_layer_is_refused_and_left_alone():

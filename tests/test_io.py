@@ -13,8 +13,8 @@ from torch import nn
 from transformers import BertConfig, BertModel, GPT2LMHeadModel
 
 import mpolab
-from mpolab.nn import mpo_modules
 from mpolab.io import CONFIG_NAME, HF_CONFIG_NAME, WEIGHTS_NAME
+from mpolab.nn import mpo_modules
 
 from ._hf import FAMILIES, inputs_for, main_output
 

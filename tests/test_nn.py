@@ -4,7 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+import mpolab
 from mpolab import MPOEmbedding, MPOLinear
+
+from ._matrices import decaying_matrix
 
 
 @pytest.fixture
@@ -29,13 +32,25 @@ def test_to_linear_round_trip(linear):
     assert isinstance(dense, nn.Linear) and dense.weight.dtype == torch.float64
 
 
-def test_issue_example():
-    layer = MPOLinear.from_linear(nn.Linear(768, 3072), rel_tol=0.1)
+def test_issue_example_meets_rel_tol_with_the_measured_error():
+    torch.manual_seed(0)
+    linear = nn.Linear(768, 3072).double()
+    with torch.no_grad():
+        linear.weight.copy_(decaying_matrix(3072, 768, decay=0.3))
+    W = linear.weight.detach().clone()
+    layer = MPOLinear.from_linear(linear, rel_tol=0.1)
+    mpo = mpolab.decompose(W, rel_tol=0.1)  # what from_linear did, with its reported error
+    measured = float(torch.linalg.norm(W - layer.weight.detach()) / torch.linalg.norm(W))
+    assert 0.01 < measured <= 0.1  # it truncated, within the tolerance
+    assert mpo.truncation_error == pytest.approx(measured, rel=1e-6)
+    assert layer.ranks == mpo.ranks and layer.num_mpo_params() < W.numel()
     layer.freeze_central()
     dense = layer.to_linear()
-    assert dense.weight.shape == (3072, 768)
-    y = layer(torch.randn(2, 768))
-    assert y.shape == (2, 3072)
+    x = torch.randn(2, 768, dtype=torch.float64)
+    torch.testing.assert_close(dense(x), layer(x))
+    with torch.no_grad():
+        y_err = float(torch.linalg.norm(layer(x) - linear(x)) / torch.linalg.norm(linear(x)))
+    assert y_err < 0.2  # outputs follow the weight error (bias exact)
 
 
 def test_freeze_central_trains_only_auxiliary_tensors(linear):
@@ -56,16 +71,17 @@ def test_freeze_central_trains_only_auxiliary_tensors(linear):
 
 
 def test_param_groups_for_mpo_lr(linear):
-    layer = MPOLinear.from_linear(linear, max_rank=4)
-    opt = torch.optim.AdamW(
-        [
-            {"params": list(layer.central_parameters()), "lr": 1e-4},
-            {"params": list(layer.auxiliary_parameters()), "lr": 1e-3},
-            {"params": [layer.bias], "lr": 1e-2},
-        ]
-    )
-    n_grouped = sum(len(g["params"]) for g in opt.param_groups)
-    assert n_grouped == len(list(layer.parameters()))
+    model = nn.Sequential(MPOLinear.from_linear(linear, max_rank=4), nn.LayerNorm(120))
+    layer = model[0]
+    groups = mpolab.param_groups(model, lr=1e-2, mpo_lr=1e-4, weight_decay=0.1, mpo_weight_decay=0.0)
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-2, 0.1), (1e-4, 0.0)]
+    assert {id(p) for p in groups[1]["params"]} == {id(c) for c in layer.cores}
+    assert {id(p) for p in groups[0]["params"]} == {id(layer.bias), *(id(p) for p in model[1].parameters())}
+    layer.freeze_central()  # frozen parameters leave the groups
+    groups = mpolab.param_groups(model, lr=1e-2, mpo_lr=1e-4)
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in layer.auxiliary_parameters()}
+    opt = torch.optim.AdamW(groups)
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
 
 
 def test_eval_cache_is_used_and_invalidated_by_optimizer_steps(linear, monkeypatch):
