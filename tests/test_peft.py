@@ -2,6 +2,8 @@
 
 import copy
 import json
+import os
+import stat
 
 import pytest
 import safetensors.torch
@@ -10,6 +12,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mpolab
+from mpolab_moe import MoE
 from mpolab_moe import peft as mpeft
 from mpolab_moe.peft.layers import IA3Layer, LoRALayer
 from mpolab_moe.peft.model import CONFIG_ATTR
@@ -289,3 +292,42 @@ def test_save_load_round_trip_every_method_on_gpt2(bases, method, tmp_path):
         n: m.describe() for n, m in mpeft.adapter_layers(model).items()
     }
     torch.testing.assert_close(_out(loaded, "gpt2"), _out(model, "gpt2"), rtol=0, atol=0)
+
+
+def test_saved_adapter_files_get_ordinary_permissions(bases, tmp_path):
+    model = mpeft.get_model(copy.deepcopy(bases["llama"]), mpeft.LoRAConfig(r=2))
+    old = os.umask(0o022)
+    try:
+        mpeft.save_adapter(model, tmp_path)
+    finally:
+        os.umask(old)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_format_1_adapters_still_load(bases, tmp_path):
+    """Format 1 kept ``<module>.router.*`` / ``<module>.experts.*``; now they live under ``<module>.moe``."""
+    model = mpeft.get_model(copy.deepcopy(bases["gpt2"]), METHODS["molora"]())
+    _perturb(model)
+    mpeft.save_adapter(model, tmp_path)
+    tensors = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
+    assert any(".moe.gate.weight" in k for k in tensors) and any(".moe.experts.lora_A" in k for k in tensors)
+    old = {k.replace(".moe.gate.", ".router.").replace(".moe.experts.", ".experts."): v for k, v in tensors.items()}
+    safetensors.torch.save_file(old, tmp_path / "adapter_model.safetensors")
+    record = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**record, "format_version": 1}))
+    loaded = mpeft.load_adapter(copy.deepcopy(bases["gpt2"]), tmp_path)
+    torch.testing.assert_close(_out(loaded, "gpt2"), _out(model, "gpt2"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_adapters_are_moe_layers_with_routing_statistics(bases, method):
+    model = mpeft.get_model(copy.deepcopy(bases["t5"]), METHODS[method]())
+    _out(model, "t5")
+    for layer in mpeft.adapter_layers(model).values():
+        assert isinstance(layer.moe, MoE)
+        stats = layer.moe.last_stats
+        E = layer.experts.num_experts
+        assert stats is not None and stats.tokens_per_expert.shape == (E,)
+        assert stats.tokens_per_expert.tolist() == [stats.num_tokens] * E  # soft: every expert weighs in
+        assert layer.last_routing is layer.moe.last_routing

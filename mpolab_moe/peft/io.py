@@ -103,7 +103,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     }
     metadata = {"format": "pt", "method": config.method}
     with atomic_files(folder) as files:  # the config goes last: it marks the folder complete
-        files.write_with(ADAPTER_WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata))
+        # serialise to bytes and write them into the prepared temporary: safetensors.save_file
+        # would recreate the file with mode 0600 instead of 0666 & ~umask
+        data = safetensors.torch.save(tensors, metadata)
+        files.write_with(ADAPTER_WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(data))
         files.write_text(ADAPTER_CONFIG_NAME, json.dumps(record, indent=2) + "\n")
     return folder
 
