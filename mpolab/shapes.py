@@ -24,6 +24,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .utils import check_positive_int
+
 __all__ = ["FactorPlan", "factorize", "padded_size", "plan_factors", "prime_factors"]
 
 #: A factorisation counts as balanced when its largest factor is at most this many times the
@@ -35,7 +37,7 @@ MAX_PAD_FRACTION = 0.25
 
 def prime_factors(n: int) -> list[int]:
     """Prime factors of ``n`` with multiplicity, ascending. ``prime_factors(3072) == [2]*10 + [3]``."""
-    _check_positive_int(n, "n")
+    check_positive_int(n, "n")
     out: list[int] = []
     p = 2
     while p * p <= n:
@@ -61,8 +63,8 @@ def factorize(n: int, num_factors: int) -> tuple[int, ...]:
         >>> factorize(768, 5), factorize(4096, 5), factorize(7, 2)
         ((3, 4, 4, 4, 4), (4, 4, 8, 8, 4), (1, 7))
     """
-    _check_positive_int(n, "n")
-    _check_positive_int(num_factors, "num_factors")
+    check_positive_int(n, "n")
+    check_positive_int(num_factors, "num_factors")
     bins = [1] * num_factors
     for p in sorted(prime_factors(n), reverse=True):
         smallest = min(range(num_factors), key=lambda b: bins[b])
@@ -101,8 +103,8 @@ def padded_size(n: int, num_factors: int) -> int:
         >>> padded_size(3072, 5), padded_size(30522, 5), padded_size(1009, 5)
         (3072, 30576, 1024)
     """
-    _check_positive_int(n, "n")
-    _check_positive_int(num_factors, "num_factors")
+    check_positive_int(n, "n")
+    check_positive_int(num_factors, "num_factors")
     if n < 2**num_factors or imbalance(n, num_factors) <= MAX_IMBALANCE:
         return n
     best, best_score = n, imbalance(n, num_factors)
@@ -170,8 +172,8 @@ def plan_factors(
         >>> plan_factors(30522, 384, 5).padded_shape
         (30576, 384)
     """
-    _check_positive_int(out_features, "out_features")
-    _check_positive_int(in_features, "in_features")
+    check_positive_int(out_features, "out_features")
+    check_positive_int(in_features, "in_features")
     given = [f for f in (out_factors, in_factors) if f is not None]
     if num_cores is None:
         num_cores = len(given[0]) if given else 5
@@ -257,10 +259,3 @@ def _check_factor_list(factors: Sequence[int], name: str) -> None:
     for f in factors:
         if isinstance(f, bool) or not isinstance(f, int) or f < 1:
             raise ValueError(f"{name} must contain positive ints, got {list(factors)}")
-
-
-def _check_positive_int(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")

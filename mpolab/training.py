@@ -26,6 +26,7 @@ from torch import nn
 from .allocate import Spectrum, allocate_ranks
 from .nn import HasCentralTensor, MPOModule, mpo_modules
 from .truncation import check_rel_tol
+from .utils import check_non_negative_float, check_positive_int
 
 __all__ = ["DimensionSqueezer", "SqueezeResult", "central_modules", "param_groups", "set_trainable", "squeeze"]
 
@@ -169,8 +170,7 @@ def squeeze(
     if max_rank is not None:
         caps = {n: {"max_rank": max_rank} for n in layers}
     elif shrink is not None:
-        if shrink < 1:
-            raise ValueError(f"shrink must be >= 1, got {shrink}")
+        check_positive_int(shrink, "shrink")
         caps = {n: {"max_rank": [max(1, r - shrink) for r in m.ranks]} for n, m in layers.items()}
     elif rel_tol is not None:
         caps = {n: {"rel_tol": rel_tol} for n in layers}
@@ -243,22 +243,15 @@ class DimensionSqueezer:
         patience: int = 300,
         ema: float = 0.98,
     ) -> None:
-        for arg, value, least in (
-            ("shrink", shrink, 1),
-            ("min_rank", min_rank, 1),
-            ("warmup", warmup, 0),
-            ("settle", settle, 1),
-            ("patience", patience, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{arg} must be an int >= {least}, got {value!r}")
-            if value < least:
-                raise ValueError(f"{arg} must be an int >= {least}, got {value}")
-        for arg, value in (("tolerance", tolerance), ("ema", ema)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{arg} must be a float, got {value!r}")
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0 (allowed relative rise of the loss), got {tolerance}")
+        for arg, value in (("shrink", shrink), ("min_rank", min_rank), ("settle", settle), ("patience", patience)):
+            check_positive_int(value, arg)
+        if isinstance(warmup, bool) or not isinstance(warmup, int):
+            raise TypeError(f"warmup must be an int >= 0, got {warmup!r}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0, got {warmup}")
+        check_non_negative_float(tolerance, "tolerance")  # allowed relative rise of the loss
+        if isinstance(ema, bool) or not isinstance(ema, (int, float)):
+            raise TypeError(f"ema must be a float, got {ema!r}")
         if not 0 <= ema < 1:
             raise ValueError(f"ema must be in [0, 1) (weight of the previous average), got {ema}")
         _require_mpo_modules(model)
