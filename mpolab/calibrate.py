@@ -235,6 +235,10 @@ def _in_features(module: nn.Module) -> int:
     )
 
 
+class _Stop(Exception):
+    """Ends a forward pass early once everything needed from it is recorded."""
+
+
 class _Collector:
     """Forward pre-hooks that add each target's input Gram matrix to a float64 accumulator.
 
@@ -243,9 +247,11 @@ class _Collector:
     dimensions are ``[B, L]`` of the current mask.
     """
 
-    def __init__(self, targets: Mapping[str, nn.Module], gram_dtype: torch.dtype) -> None:
+    def __init__(self, targets: Mapping[str, nn.Module], gram_dtype: torch.dtype, stop_early: bool = False) -> None:
         self.targets = dict(targets)
         self.gram_dtype = gram_dtype
+        self.stop_early = stop_early
+        self._pending: set[str] = set()
         self.stats: dict[str, InputStats] = {}
         self.mask: torch.Tensor | None = None
         self._shared: dict[tuple[int, int, tuple[int, ...]], tuple[torch.Tensor, int]] = {}
@@ -269,6 +275,7 @@ class _Collector:
     def new_batch(self, mask: torch.Tensor | None) -> None:
         self.mask = mask
         self._shared.clear()
+        self._pending = set(self.targets)
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -282,6 +289,9 @@ class _Collector:
             stats = self.stats[name]
             stats.gram += gram.to(stats.gram.device)
             stats.tokens += tokens
+            self._pending.discard(name)
+            if self.stop_early and not self._pending:
+                raise _Stop  # every target has its inputs: the rest of the forward (an LM head) is not needed
 
         return hook
 
@@ -329,6 +339,7 @@ def collect_input_stats(
     *,
     gram_dtype: torch.dtype = torch.float32,
     min_tokens_factor: float = 1.0,
+    stop_early: bool = True,
     progress: bool = False,
 ) -> dict[str, InputStats]:
     """Run ``model`` over ``data`` once and return each target's :class:`InputStats`.
@@ -344,6 +355,9 @@ def collect_input_stats(
             batch, far below the damping; pass ``torch.float64`` for fully float64 statistics.
         min_tokens_factor: warn when a layer saw fewer than ``factor · in_features`` tokens (its
             Gram matrix is then rank deficient; the weighted decomposition damps it).
+        stop_early: end each forward pass as soon as every target has seen its input (skips
+            the rest of the model, e.g. a 49k-word LM head). Turn it off for models that call
+            a target more than once per forward (weight sharing across blocks).
 
     Raises:
         ValueError: ``data`` is empty; a layer's inputs hold NaN/Inf (naming the layer); a target
@@ -351,10 +365,13 @@ def collect_input_stats(
     """
     resolved = _resolve_targets(model, targets)
     batches = 0
-    with torch.inference_mode(), _no_cache(model), _Collector(resolved, gram_dtype) as collector:
+    with torch.inference_mode(), _no_cache(model), _Collector(resolved, gram_dtype, stop_early) as collector:
         for batch in _maybe_progress(data, progress, "calibrate"):
             collector.new_batch(_mask_of(batch))
-            run_model(model, batch)
+            try:
+                run_model(model, batch)
+            except _Stop:
+                pass
             batches += 1
     if batches == 0:
         raise ValueError("the calibration data is empty: give at least one batch of model inputs")
@@ -388,10 +405,6 @@ def _maybe_progress(items: Iterable[Any], enabled: bool, desc: str) -> Iterable[
 
 
 # ----------------------------------------------------------------------------- block by block
-
-
-class _Stop(Exception):
-    """Raised by the capture hook once the first block's inputs are recorded."""
 
 
 def _capture_block_inputs(
@@ -468,10 +481,13 @@ def blockwise_input_stats(
         block = blocks[b]
         stats: dict[str, InputStats] = {}
         if targets[b]:
-            with torch.inference_mode(), _Collector(targets[b], gram_dtype) as collector:
+            with torch.inference_mode(), _Collector(targets[b], gram_dtype, stop_early=True) as collector:
                 for h, (args, kwargs, mask) in zip(hidden, captured):
                     collector.new_batch(mask)
-                    block(h, *args[1:], **kwargs)
+                    try:
+                        block(h, *args[1:], **kwargs)
+                    except _Stop:
+                        pass
             stats = _finish(collector.stats, min_tokens_factor)
         on_block(b, stats)
         with torch.inference_mode():

@@ -236,6 +236,7 @@ def decompose_weighted(
     rel_tol: float | None = None,
     damp: float = DEFAULT_DAMP,
     refit_steps: int = 0,
+    _exact: _Whitening | None = None,
 ) -> MPO:
     """MPO of ``W: [out, in]`` truncated in the output-error norm of inputs with Gram ``gram: [in, in]``.
 
@@ -263,7 +264,7 @@ def decompose_weighted(
     layout = layout or Layout.svd(out_features, in_features)
     layout.check(W.shape)
     with torch.no_grad():
-        A, inverses = _whiten(W.detach().double(), gram, layout, damp)
+        A, inverses = _whiten(W.detach().double(), gram, layout, damp, _exact)
         whitened = decompose(
             A,
             out_factors=layout.out_factors,
@@ -285,15 +286,29 @@ def decompose_weighted(
     return mpo
 
 
+@dataclass
+class _Whitening:
+    """``S`` (lower Cholesky factor of the damped Gram), its inverse and ``W·S``, computed once per layer."""
+
+    S: torch.Tensor
+    inverse: torch.Tensor
+    WS: torch.Tensor
+
+    @classmethod
+    def of(cls, W: torch.Tensor, gram: torch.Tensor, damp: float) -> _Whitening:
+        S = whitening_factor(gram.to(W.device), damp)
+        eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+        return cls(S, torch.linalg.solve_triangular(S, eye, upper=False), W.detach().double() @ S)
+
+
 def _whiten(
-    W: torch.Tensor, gram: torch.Tensor, layout: Layout, damp: float
+    W: torch.Tensor, gram: torch.Tensor, layout: Layout, damp: float, exact: _Whitening | None = None
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """``A = W·S`` and, per core, the inverse factor to fold into its input index (``None``: none)."""
     core = layout.input_core
     if core is not None:
-        S = whitening_factor(gram.to(W.device), damp)
-        inverse = torch.linalg.solve_triangular(S, torch.eye(S.shape[0], dtype=S.dtype, device=S.device), upper=False)
-        return W @ S, [inverse if k == core else None for k in range(layout.num_cores)]
+        w = exact or _Whitening.of(W, gram, damp)
+        return w.WS, [w.inverse if k == core else None for k in range(layout.num_cores)]
     sigmas = kronecker_factors(gram.to(W.device), layout.in_factors, damp)
     factors = [whitening_factor(s, 0.0) for s in sigmas]
     A = W.reshape(W.shape[0], *layout.in_factors)
@@ -419,8 +434,9 @@ def search_layouts(
     """The layout with the smallest calibrated output error within ``max_params`` parameters.
 
     Every candidate (default :func:`layout_candidates`, the SVD-equivalent layout always added)
-    is decomposed with :func:`decompose_weighted` at the budget and measured with
-    :func:`output_error` on the undamped ``gram``. A layer whose budget reaches its dense size
+    is decomposed with :func:`decompose_weighted` at the budget and ranked by its relative output
+    error on the damped Gram (the criterion the whitened sweep minimises; ``errors``), the
+    winner's ``error`` is then measured with :func:`output_error` on the undamped ``gram``. A layer whose budget reaches its dense size
     stays dense (error 0) when ``allow_dense``. Candidates whose rank-1 MPO does not fit are
     skipped; if none fits, ``ValueError``.
     """
@@ -432,20 +448,30 @@ def search_layouts(
     svd = Layout.svd(out_features, in_features)
     if svd not in layouts:
         layouts.insert(0, svd)
+    exact = _Whitening.of(W, gram, damp)
+    reference = float(exact.WS.square().sum())
     best: LayerChoice | None = None
     errors: dict[str, float] = {}
     for layout in layouts:
         try:
-            mpo = decompose_weighted(W, gram, layout=layout, max_params=max_params, damp=damp, refit_steps=refit_steps)
+            mpo = decompose_weighted(
+                W, gram, layout=layout, max_params=max_params, damp=damp, refit_steps=refit_steps, _exact=exact
+            )
         except ValueError:
             continue  # the budget is below this layout's rank-1 size
-        err = output_error(W, mpo, gram)
+        if layout.exact_whitening and not refit_steps and mpo.truncation_error is not None:
+            err = mpo.truncation_error  # the sweep's error is the (damped) output error: no product needed
+        else:
+            residual = (W.detach().double() - mpo.to_matrix().double()) @ exact.S
+            err = math.sqrt(float(residual.square().sum()) / reference) if reference > 0 else 0.0
         errors[layout.name] = err
         if best is None or err < best.error:
             best = LayerChoice(mpo, layout.name, mpo.num_params, err)
     if best is None:
         raise ValueError(f"max_params={max_params} is below every candidate layout's smallest MPO for W {list(W.shape)}")
     best.errors = errors
+    assert best.mpo is not None
+    best.error = output_error(W, best.mpo, gram)  # reported on the undamped statistics
     return best
 
 
@@ -484,7 +510,8 @@ def whitened_svd_curve(W: torch.Tensor, gram: torch.Tensor, damp: float = DEFAUL
     _check_pair(W, gram)
     with torch.no_grad():
         A = W.detach().double() @ whitening_factor(gram.to(W.device), damp)
-        sq = torch.linalg.svdvals(A).square().cpu()
+        small = A.mT @ A if A.shape[0] >= A.shape[1] else A @ A.mT
+        sq = torch.linalg.eigvalsh(small).flip(0).clamp_min(0).cpu()  # σ², descending (float64 Gram route)
     tail = torch.cat([sq.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=sq.dtype)])
     return SVDCurve(int(W.shape[0]), int(W.shape[1]), tail, float(sq.sum()))
 
@@ -515,20 +542,23 @@ def allocate_budget(
     minimum = sum(curves[n].params(1) for n in names)
     if budget < minimum:
         raise ValueError(f"budget {budget} is below the {minimum} parameters of rank 1 in every layer")
-    options: dict[str, list[tuple[int, float]]] = {}
+    params: dict[str, torch.Tensor] = {}
+    errors: dict[str, torch.Tensor] = {}
     for n in names:
         c = curves[n]
-        scale = weights.get(n, 1.0) / max(c.energy, 1e-300)
-        opts = [(c.params(r), float(c.tail[r]) * scale) for r in range(1, c.max_rank + 1)]
+        ranks = torch.arange(1, c.max_rank + 1)
+        p = ranks * (c.out_features + c.in_features)
+        e = c.tail[1 : c.max_rank + 1] * (weights.get(n, 1.0) / max(c.energy, 1e-300))
         if allow_dense:
-            opts.append((c.dense_params, 0.0))
-        options[n] = opts
+            p = torch.cat([p, torch.tensor([c.dense_params])])
+            e = torch.cat([e, torch.zeros(1, dtype=e.dtype)])
+        params[n], errors[n] = p.double(), e.double()
 
     def pick(lam: float) -> dict[str, int]:
-        return {n: min(range(len(o)), key=lambda i: o[i][1] + lam * o[i][0]) for n, o in options.items()}
+        return {n: int(torch.argmin(errors[n] + lam * params[n])) for n in names}
 
     def cost(choice: Mapping[str, int]) -> int:
-        return sum(options[n][i][0] for n, i in choice.items())
+        return int(sum(int(params[n][i]) for n, i in choice.items()))
 
     lo, hi = 0.0, 1.0
     while cost(pick(hi)) > budget:
@@ -538,20 +568,19 @@ def allocate_budget(
         lo, hi = (lo, mid) if cost(pick(mid)) <= budget else (mid, hi)
     choice = pick(hi)
     spent = cost(choice)
-    improved = True
-    while improved:  # spend what is left, one rank at a time, best error drop per parameter first
-        improved = False
+    while True:  # spend what is left, one step at a time, best error drop per parameter first
         best_gain, best_name = 0.0, None
         for n, i in choice.items():
-            opts = options[n]
-            if i + 1 < len(opts) and opts[i + 1][0] - opts[i][0] <= budget - spent:
-                gain = (opts[i][1] - opts[i + 1][1]) / max(opts[i + 1][0] - opts[i][0], 1)
-                if gain > best_gain:
-                    best_gain, best_name = gain, n
-        if best_name is not None:
-            i = choice[best_name]
-            spent += options[best_name][i + 1][0] - options[best_name][i][0]
-            choice[best_name] = i + 1
-            improved = True
-    return {n: options[n][i][0] for n, i in choice.items()}
+            if i + 1 < params[n].numel():
+                extra = int(params[n][i + 1] - params[n][i])
+                if extra <= budget - spent:
+                    gain = float(errors[n][i] - errors[n][i + 1]) / max(extra, 1)
+                    if gain > best_gain:
+                        best_gain, best_name = gain, n
+        if best_name is None:
+            break
+        i = choice[best_name]
+        spent += int(params[best_name][i + 1] - params[best_name][i])
+        choice[best_name] = i + 1
+    return {n: int(params[n][i]) for n, i in choice.items()}
 
