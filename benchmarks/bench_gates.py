@@ -55,13 +55,13 @@ from _common import (  # noqa: E402
     write_json,
 )
 
+from mpolab_moe.experts.base import FFNWeights  # noqa: E402
 from mpolab_moe.experts.dense import DenseExperts  # noqa: E402
 from mpolab_moe.experts.sliced import SlicedExperts  # noqa: E402
 from mpolab_moe.gates.avg_k import AvgKGate  # noqa: E402
 from mpolab_moe.gates.top_any import TopAnyGate  # noqa: E402
 from mpolab_moe.gates.top_k import TopKGate  # noqa: E402
 from mpolab_moe.layer import MoE  # noqa: E402
-from mpolab_moe.experts.base import FFNWeights
 
 D_MODEL, D_FF, NUM_EXPERTS, K = 768, 3072, 16, 4
 

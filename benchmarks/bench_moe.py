@@ -47,9 +47,8 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from mpolab_moe import DenseExperts, MoE, TopKGate, aux_loss  # noqa: E402
-from mpolab_moe.experts.base import FFNWeights
-from mpolab import TruncationOptions
+from mpolab import TruncationOptions  # noqa: E402
+from mpolab_moe import DenseExperts, FFNWeights, MoE, TopKGate, aux_loss  # noqa: E402
 
 D_MODEL, D_FF, NUM_EXPERTS = 768, 3072, 8
 

@@ -224,7 +224,8 @@ def run_example(
     )
     print(report)
     train_pairs, test_pairs = arithmetic_pairs(4000, seed=args.seed), arithmetic_pairs(200, seed=args.seed + 1)
-    print(f"before training: held-out accuracy {evaluate(model, test_pairs, tok):.2f}")
+    accuracy_before = evaluate(model, test_pairs, tok)
+    print(f"before training: held-out accuracy {accuracy_before:.2f}")
     options = {"steps": args.steps, "lr": args.lr, "aux_weight": args.aux_weight, "p_b": args.p_b, "seed": args.seed}
     if args.trainer:
         batch = encode(train_pairs, tok)  # one padded width for all, so the default collator can stack
@@ -243,4 +244,9 @@ def run_example(
         f"task loss {result.first_loss:.3f} -> {result.last_loss:.3f} in {result.seconds:.0f} s "
         f"({result.masked_steps}/{result.steps} steps masked); held-out accuracy {accuracy:.2f}"
     )
-    return {"first_loss": result.first_loss, "last_loss": result.last_loss, "accuracy": accuracy}
+    return {
+        "first_loss": result.first_loss,
+        "last_loss": result.last_loss,
+        "accuracy_before": accuracy_before,
+        "accuracy": accuracy,
+    }

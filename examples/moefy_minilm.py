@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from mpolab.demo import load_minilm
 from mpolab.heal import sentence_embeddings
 from mpolab.text import train_eval_sentences
-from mpolab_moe.ffn import FFN, find_ffns
 from mpolab_moe.experts.sliced import SlicedExperts
+from mpolab_moe.ffn import FFN, find_ffns
 from mpolab_moe.gates.moefication import (
     GroundTruthGate,
     MLPGate,

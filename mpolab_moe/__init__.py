@@ -9,8 +9,10 @@ Example:
     >>> mask = GradientMask(hf_model, p_b=0.5).attach(optimizer)
 """
 
-from . import peft  # noqa: F401  (mpolab_moe.peft: the PEFT-style front door)
-from . import recipes  # noqa: F401  (registers "moefication", "emoe" and "dynmoe" with moefy)
+from . import (
+    peft,  # noqa: F401  (mpolab_moe.peft: the PEFT-style front door)
+    recipes,  # noqa: F401  (registers "moefication", "emoe" and "dynmoe" with moefy)
+)
 from .convert import MoefyReport, moefy
 from .experts import (
     BankOutput,

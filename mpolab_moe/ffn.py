@@ -205,7 +205,9 @@ def _recognise(module: nn.Module, name: str, config: Any, *, allow_sequential: b
             if Bg is not None:
                 raise ValueError(f"{name or type(module).__name__}: a bias on the gate projection is not supported")
         activation = _activation(family, act, config)
-        return FFN(w1=W1, w2=W2, w_gate=Wg, b1=B1, b2=B2, activation=activation, name=name, module=module, family=family)
+        return FFN(
+            w1=W1, w2=W2, w_gate=Wg, b1=B1, b2=B2, activation=activation, name=name, module=module, family=family
+        )
 
     get = module._modules.get
     if get("wo") is not None and (get("wi") is not None or (get("wi_0") is not None and get("wi_1") is not None)):

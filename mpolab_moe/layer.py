@@ -37,9 +37,7 @@ def check_pair(gate: Gate, experts: ExpertBank, *, capacity_factor: float | None
             f"gate must be a Gate (TopKGate, AvgKGate, TopAnyGate, SoftMergeGate, ...), got {type(gate).__name__}"
         )
     if not isinstance(experts, ExpertBank):
-        raise TypeError(
-            f"experts must be an ExpertBank (DenseExperts, MPOExperts, ...), got {type(experts).__name__}"
-        )
+        raise TypeError(f"experts must be an ExpertBank (DenseExperts, MPOExperts, ...), got {type(experts).__name__}")
     g, b = type(gate).__name__, type(experts).__name__
     if gate.num_experts != experts.num_experts:
         raise ValueError(f"{g} routes to {gate.num_experts} experts but the bank has {experts.num_experts}")

@@ -27,7 +27,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from mpolab.utils import check_fraction, check_positive_int

@@ -84,4 +84,6 @@ def get_method(name: str) -> Method:
     try:
         return _METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; registered: {registered_methods()} (method=None upcycles)") from None
+        raise ValueError(
+            f"unknown method {name!r}; registered: {registered_methods()} (method=None upcycles)"
+        ) from None

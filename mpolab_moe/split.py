@@ -14,7 +14,7 @@ The optional dependencies come with ``pip install mpolab-torch[moefication]``.
 
 Example:
     >>> groups = balanced_kmeans(ffn.w1, num_experts=16)             # [16, F/16]
-    >>> bank = SlicedExperts.from_ffn(ffn.w1, ffn.w2, groups, b1=ffn.b1, b2=ffn.b2, activation="gelu")
+    >>> bank = SlicedExperts.from_ffn(ffn, groups)                     # ffn from find_ffns
 """
 
 from __future__ import annotations

@@ -66,7 +66,9 @@ EXACT_TOL = 1e-5
 
 
 @overload
-def upcycle(ffn: FFN | nn.Module, num_experts: int = ..., *, return_report: Literal[False] = ..., **options: Any) -> MoE: ...
+def upcycle(
+    ffn: FFN | nn.Module, num_experts: int = ..., *, return_report: Literal[False] = ..., **options: Any
+) -> MoE: ...
 @overload
 def upcycle(
     ffn: FFN | nn.Module, num_experts: int = ..., *, return_report: Literal[True], **options: Any
@@ -143,8 +145,7 @@ def upcycle(
         if not isinstance(ffn, nn.Module):
             raise TypeError(f"upcycle takes an FFN or an nn.Module, got {type(ffn).__name__}")
         ffn = FFN.from_module(ffn)
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    check_positive_int(num_experts, "num_experts")
     check_choice(experts, "experts", ("mpo", "dense"))
     k = _resolve_k(gate, k, num_experts)
     if weighting is None:

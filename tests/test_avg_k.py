@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mpolab_moe.experts.base import FFNWeights
 from mpolab_moe.experts.dense import DenseExperts
 from mpolab_moe.experts.sliced import SlicedExperts
 from mpolab_moe.gates.avg_k import AvgKGate, refresh_avg_k_gates
 from mpolab_moe.layer import MoE
-from mpolab_moe.experts.base import FFNWeights
 
 D, FF, E = 16, 64, 8
 

@@ -69,9 +69,7 @@ PROTOCOLS = {Capability.KEYS: KeyedBank, Capability.NEURON_GROUPS: NeuronGroupBa
 
 #: The pairs that cannot work: the gate needs neuron keys / neuron groups only SlicedExperts has.
 REFUSED = {
-    (gate, bank)
-    for gate in ("avg_k", "avg_k_activation", "ground_truth")
-    for bank in ("dense", "mpo", "lora", "ia3")
+    (gate, bank) for gate in ("avg_k", "avg_k_activation", "ground_truth") for bank in ("dense", "mpo", "lora", "ia3")
 }
 
 

@@ -4,11 +4,11 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 
 from mpolab_moe.convert import moefy
+from mpolab_moe.experts.dense import DenseExperts
 from mpolab_moe.ffn import FFN, MoEWithDropout, find_ffns
+from mpolab_moe.layer import MoE, aux_loss, moe_layers
 from mpolab_moe.registry import register_method, registered_methods, unregister_method
 from mpolab_moe.upcycle import EXACT_TOL, upcycle
-from mpolab_moe.experts.dense import DenseExperts
-from mpolab_moe.layer import MoE, aux_loss, moe_layers
 
 from ._hf import FAMILIES, inputs_for, main_output
 

@@ -22,7 +22,8 @@ def test_example_trains_and_the_loss_goes_down(example, capsys):
     out = capsys.readouterr().out
     assert "upcycle  mpo" in out and "masked steps" in out and "load imbalance" in out and "held-out accuracy" in out
     assert result["last_loss"] < 0.8 * result["first_loss"]
-    assert 0.0 <= result["accuracy"] <= 1.0
+    # seeded: the upcycled model answers at least 8 more of the 200 held-out questions than before
+    assert result["accuracy"] >= result["accuracy_before"] + 0.04
 
 
 def test_example_runs_inside_hf_trainer(capsys):

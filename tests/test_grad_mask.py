@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from mpolab_moe import MoE, TopKGate
+from mpolab_moe.experts.base import FFNWeights
 from mpolab_moe.experts.mpo import MPOExperts
 from mpolab_moe.grad_mask import GradientMask
-from mpolab_moe.experts.base import FFNWeights
 
 
 class FixedGate(TopKGate):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mpolab_moe.experts.base import FFNWeights
 from mpolab_moe.experts.sliced import SlicedExperts
 from mpolab_moe.gates.moefication import (
     GroundTruthGate,
@@ -17,7 +18,6 @@ from mpolab_moe.gates.moefication import (
 from mpolab_moe.layer import MoE
 from mpolab_moe.routing import Routing
 from mpolab_moe.split import balanced_kmeans, random_split
-from mpolab_moe.experts.base import FFNWeights
 
 D, FF, E = 16, 128, 8
 

@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 
 import mpolab
+from mpolab import TruncationOptions
 from mpolab_moe import MoE, TopKGate
+from mpolab_moe.experts.base import FFNWeights
 from mpolab_moe.experts.dense import DenseExperts
 from mpolab_moe.experts.mpo import MPOExperts, mpoe_param_ratio
 from mpolab_moe.experts.shared_central import SharedCentralMPO
-from mpolab_moe.experts.base import FFNWeights
-from mpolab import TruncationOptions
 
 
 def _perturb_experts(bank: MPOExperts, scale: float = 0.1) -> None:

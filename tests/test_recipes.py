@@ -7,19 +7,19 @@ import torch
 from torch import nn
 
 from mpolab_moe.convert import moefy
-from mpolab_moe.ffn import FFN, find_ffns
-from mpolab_moe.registry import registered_methods
+from mpolab_moe.experts.base import FFNWeights
 from mpolab_moe.experts.dense import DenseExperts
 from mpolab_moe.experts.mpo import MPOExperts
 from mpolab_moe.experts.sliced import SlicedExperts
+from mpolab_moe.ffn import FFN, find_ffns
 from mpolab_moe.gates.avg_k import AvgKGate
 from mpolab_moe.gates.moefication import MLPGate, SimilarityGate
 from mpolab_moe.gates.top_any import TopAnyGate
 from mpolab_moe.layer import MoE, aux_loss, moe_layers
 from mpolab_moe.recipes import build_dynmoe, build_emoe, build_moefication, dynmoe_layers, emoe_layers, split_ffn
+from mpolab_moe.registry import registered_methods
 
 from ._hf import FAMILIES, inputs_for, main_output
-from mpolab_moe.experts.base import FFNWeights
 
 METHODS = ("moefication", "emoe", "dynmoe")
 GATES = {"moefication": SimilarityGate, "emoe": AvgKGate, "dynmoe": TopAnyGate}

@@ -4,15 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpolab_moe.ffn import find_ffns
+from mpolab_moe.experts.base import FFNWeights
 from mpolab_moe.experts.sliced import SlicedExperts
+from mpolab_moe.ffn import find_ffns
 from mpolab_moe.gates.base import Gate
 from mpolab_moe.layer import MoE
 from mpolab_moe.routing import Routing
 from mpolab_moe.split import random_split
 
 from ._hf import FAMILIES, inputs_for, main_output
-from mpolab_moe.experts.base import FFNWeights
 
 D, FF, E = 12, 48, 6
 

@@ -334,7 +334,7 @@ def padded_bmm(x: Tensor, weight: Tensor, counts: Sequence[int], bias: Tensor | 
 
 @runtime_checkable
 class GroupedLinear(Protocol):
-    """A per-expert linear map applied to rows grouped by expert (e.g. :class:`~mpolab_moe.experts.shared_central.SharedCentralMPO`)."""
+    """A per-expert linear map on rows grouped by expert (``SharedCentralMPO``): ``(x, counts, bias) -> y``."""
 
     def __call__(self, x: Tensor, counts: Sequence[int], bias: Tensor | None = None) -> Tensor: ...
 
@@ -356,7 +356,9 @@ def grouped_ffn(
     b1: Tensor | None = None,
     b2: Tensor | None = None,
 ) -> Tensor:
-    """``E`` FFNs on rows grouped by expert: ``act(x W1_e + b1_e) W2_e + b2_e`` (gated: ``act(x Wg_e) * (x W1_e + b1_e)``).
+    """``E`` FFNs on rows grouped by expert: ``act(x W1_e + b1_e) W2_e + b2_e``.
+
+    Gated: ``(act(x Wg_e) * (x W1_e + b1_e)) W2_e + b2_e``.
 
     Args:
         x: ``[N, d]`` sorted by expert; counts: ``E`` group sizes.
@@ -392,6 +394,14 @@ class FFNBank(ExpertBank):
         #: (``{"w1": ..., "w2": ...}``; exact copies 0.0; empty when not built from an FFN)
         self.reconstruction_error: dict[str, float] = {}
 
+    def _set_sizes(self, d_model: int, d_ff: int, num_experts: int, d_out: int | None, activation: Activation) -> None:
+        """Validate and set ``num_experts``, ``in_features``, ``d_ff``, ``out_features`` and the activation."""
+        self.num_experts = check_positive_int(num_experts, "num_experts")
+        self.in_features = check_positive_int(d_model, "d_model")
+        self.d_ff = check_positive_int(d_ff, "d_ff")
+        self.out_features = self.in_features if d_out is None else check_positive_int(d_out, "d_out")
+        self._set_activation(activation)
+
     def _set_activation(self, activation: Activation) -> None:
         self.activation_name = activation_name(activation)
         self.act = get_activation(activation)
@@ -402,7 +412,7 @@ class FFNBank(ExpertBank):
 
     @property
     def activation(self) -> Activation:
-        """The activation as given: its name when :data:`~mpolab_moe.activations.ACTIVATIONS` has it, else the callable."""
+        """The activation as given: its name when ``ACTIVATIONS`` has it, else the callable."""
         return self.activation_name if self.activation_name in ACTIVATIONS else self.act
 
     def expert_bias(self) -> Tensor | None:
@@ -411,9 +421,7 @@ class FFNBank(ExpertBank):
 
     def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         """``x [N, d]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]``."""
-        return grouped_ffn(
-            x, counts, self.w1, self.w2, self.act, w_gate=self.w_gate, b1=self.b1, b2=self.expert_bias()
-        )
+        return grouped_ffn(x, counts, self.w1, self.w2, self.act, w_gate=self.w_gate, b1=self.b1, b2=self.expert_bias())
 
     def extra_repr(self) -> str:
         return (
@@ -421,4 +429,3 @@ class FFNBank(ExpertBank):
             f"d_out={self.out_features}, activation={self.activation_name!r}, gated={self.gated}, "
             f"bias={self.b1 is not None}"
         )
-

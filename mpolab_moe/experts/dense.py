@@ -51,12 +51,8 @@ class DenseExperts(FFNBank):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        E = check_positive_int(num_experts, "num_experts")
-        self.in_features = check_positive_int(d_model, "d_model")
-        self.d_ff = check_positive_int(d_ff, "d_ff")
-        self.num_experts = E
-        self.out_features = d_model if d_out is None else check_positive_int(d_out, "d_out")
-        self._set_activation(activation)
+        self._set_sizes(d_model, d_ff, num_experts, d_out, activation)
+        E = num_experts
         kw = {"device": device, "dtype": dtype}
         self.w1 = nn.Parameter(torch.empty(E, d_model, d_ff, **kw))
         self.w2 = nn.Parameter(torch.empty(E, d_ff, self.out_features, **kw))

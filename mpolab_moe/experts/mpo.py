@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import mpolab
+from mpolab import TruncationOptions
 from mpolab.nn import init_cores_, random_mpo
-from mpolab.options import TruncationOptions
 from mpolab.shapes import plan_factors
 from mpolab.truncation import bond_caps, num_params_for_ranks
 from mpolab.utils import check_positive_int
@@ -44,9 +44,10 @@ class MPOExperts(FFNBank):
     :func:`mpolab.set_trainable` and :func:`mpolab.param_groups` treat it like an MPO layer.
 
     Args:
-        d_model, d_ff, num_experts, activation, gated, bias, d_out: as :class:`DenseExperts`.
+        d_model, d_ff, num_experts: as :class:`DenseExperts`.
         num_cores: cores per matrix (MPOE uses 5).
         max_rank: bond dimension(s) of the random initialisation.
+        activation, gated, bias, d_out: as :class:`DenseExperts`.
         mpos: ``{"w1": MPO [F, d], "w2": MPO [d_out, F], "w_gate": MPO [F, d]}`` every expert starts
             from (upcycling, see :meth:`from_ffn`); ``None``: random cores (``num_cores``, ``max_rank``).
 
@@ -62,21 +63,19 @@ class MPOExperts(FFNBank):
         d_ff: int,
         num_experts: int,
         *,
+        num_cores: int = 5,
+        max_rank: int | Sequence[int] = 16,
+        mpos: Mapping[str, mpolab.MPO] | None = None,
         activation: Activation = "relu",
         gated: bool = False,
         bias: bool = True,
         d_out: int | None = None,
-        num_cores: int = 5,
-        max_rank: int | Sequence[int] = 16,
-        mpos: Mapping[str, mpolab.MPO] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        E = self.num_experts = check_positive_int(num_experts, "num_experts")
-        self.in_features = check_positive_int(d_model, "d_model")
-        self.d_ff = check_positive_int(d_ff, "d_ff")
-        self.out_features = d_model if d_out is None else check_positive_int(d_out, "d_out")
+        self._set_sizes(d_model, d_ff, num_experts, d_out, activation)
+        E = num_experts
         check_positive_int(num_cores, "num_cores")
         shapes = {"w1": (d_ff, d_model), "w_gate": (d_ff, d_model), "w2": (self.out_features, d_ff)}
         names = [n for n in MATRICES if n != "w_gate" or gated]
@@ -89,7 +88,6 @@ class MPOExperts(FFNBank):
         elif sorted(mpos) != sorted(names) or any(tuple(mpos[n].shape) != shapes[n] for n in names):
             given = {n: tuple(m.shape) for n, m in mpos.items()}
             raise ValueError(f"mpos must give {', '.join(f'{n} {list(shapes[n])}' for n in names)}; got {given}")
-        self._set_activation(activation)
         self.w1 = SharedCentralMPO(mpos["w1"], E)
         self.w_gate = SharedCentralMPO(mpos["w_gate"], E) if gated else None
         self.w2 = SharedCentralMPO(mpos["w2"], E)

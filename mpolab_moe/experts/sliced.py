@@ -121,7 +121,8 @@ class SlicedExperts(FFNBank):
             bias_mode, bias_k: see the class docstring.
 
         Example:
-            >>> bank = SlicedExperts.from_ffn(FFNWeights(w1, w2, b1=b1, b2=b2, activation="gelu"), random_split(3072, 16))
+            >>> ffn = FFNWeights(w1, w2, b1=b1, b2=b2, activation="gelu")
+            >>> bank = SlicedExperts.from_ffn(ffn, random_split(3072, 16))
         """
         if not isinstance(ffn, FFNWeights):
             raise TypeError(f"ffn must be an FFNWeights (or an FFN from find_ffns), got {type(ffn).__name__}")

@@ -11,7 +11,7 @@ The gate has no trainable parameter. Its router is a buffer re-derived from the 
 ``AvgKGate.attach(optimizer, model)``.
 
 Example:
-    >>> bank = SlicedExperts.from_ffn(w1, w2, balanced_kmeans(w1, 16), b1=b1, b2=b2, activation="gelu")
+    >>> bank = SlicedExperts.from_ffn(FFNWeights(w1, w2, b1=b1, b2=b2, activation="gelu"), balanced_kmeans(w1, 16))
     >>> layer = MoE(AvgKGate(768, 16, k=4), bank, capacity_factor=1.5)     # bind() reads bank.keys()
     >>> handle = AvgKGate.attach(optimizer, model)                          # refresh after every step
 """
@@ -65,7 +65,7 @@ class AvgKGate(BankBoundGate):
         router: ``[E, d]`` fp32 buffer, the mean key rows from the last :meth:`refresh`.
 
     Example:
-        >>> bank = SlicedExperts.from_ffn(w1, w2, random_split(64, 4))          # w1 [64, 16]
+        >>> bank = SlicedExperts.from_ffn(FFNWeights(w1, w2), random_split(64, 4))   # w1 [64, 16]
         >>> layer = MoE(AvgKGate(16, 4, k=4), bank)                            # k = E, one score
         >>> torch.allclose(layer(x), F.relu(x @ w1.T) @ w2.T)                  # the dense FFN
         True

@@ -46,7 +46,8 @@ class Gate(nn.Module, ABC):
         ...     def __init__(self, d, E):
         ...         super().__init__(); self.d_model, self.num_experts = d, E
         ...     def forward(self, x):
-        ...         return Routing(torch.zeros(x.shape[0], 1, dtype=torch.long), torch.ones(x.shape[0], 1), self.num_experts)
+        ...         index = torch.zeros(x.shape[0], 1, dtype=torch.long)
+        ...         return Routing(index, torch.ones(x.shape[0], 1), self.num_experts)
     """
 
     num_experts: int

@@ -17,7 +17,7 @@ as in MoEfication; for GELU the negative lobe, never below -0.17, is ignored), a
 the up branch can flip the sign of what the gate lets through.
 
 Example:
-    >>> bank = SlicedExperts.from_ffn(w1, w2, balanced_kmeans(w1, 16), b1=b1, b2=b2, activation="gelu")
+    >>> bank = SlicedExperts.from_ffn(FFNWeights(w1, w2, b1=b1, b2=b2, activation="gelu"), balanced_kmeans(w1, 16))
     >>> gate = MLPGate.from_bank(bank, k=4)
     >>> train_mlp_gate(gate, bank, recorded_inputs)
     >>> layer = MoE(gate, bank)
@@ -82,7 +82,9 @@ def expert_activation_mass(bank: NeuronGroupBank, x: Tensor) -> Tensor:
 def expert_centers(bank: ExpertBank) -> Tensor:
     """``[E, d]``: the mean of each expert's L2-normalised key rows (a bank with ``Capability.KEYS``)."""
     if not isinstance(bank, ExpertBank) or not bank.has(Capability.KEYS):
-        raise TypeError(f"expert centers need a bank with keys (Capability.KEYS: SlicedExperts), got {type(bank).__name__}")
+        raise TypeError(
+            f"expert centers need a bank with keys (Capability.KEYS: SlicedExperts), got {type(bank).__name__}"
+        )
     return F.normalize(bank.keys().detach().float(), dim=-1).mean(1)  # type: ignore[attr-defined]
 
 

@@ -77,6 +77,9 @@ class AdapterConfig:
             value = getattr(self, name)
             if isinstance(value, tuple):
                 setattr(self, name, list(value))
+        # mixtures (MoLoRA, MoV) declare num_experts and top_k as fields; plain methods have one expert
+        check_positive_int(self.num_experts, "num_experts")
+        _check_top_k(getattr(self, "top_k", None), self.num_experts)
 
     @property
     def num_experts(self) -> int:
@@ -153,11 +156,6 @@ class MoLoRAConfig(LoRAConfig):
     num_experts: int = 10  # type: ignore[assignment]
     top_k: int | None = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive_int(self.num_experts, "num_experts")
-        _check_top_k(self.top_k, self.num_experts)
-
 
 @dataclass
 class IA3Config(AdapterConfig):
@@ -203,11 +201,6 @@ class MoVConfig(IA3Config):
 
     num_experts: int = 10  # type: ignore[assignment]
     top_k: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive_int(self.num_experts, "num_experts")
-        _check_top_k(self.top_k, self.num_experts)
 
 
 ADAPTER_CONFIGS: dict[str, type[AdapterConfig]] = {

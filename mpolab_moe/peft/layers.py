@@ -198,7 +198,15 @@ class LoRALayer(AdapterLayer):
     ) -> None:
         d_in, d_out = base_features(base_layer)
         bank = LoRAExperts(
-            d_in, d_out, num_experts, r, alpha, use_rslora=use_rslora, init=init, dropout=dropout, **_factory(base_layer)
+            d_in,
+            d_out,
+            num_experts,
+            r,
+            alpha,
+            use_rslora=use_rslora,
+            init=init,
+            dropout=dropout,
+            **_factory(base_layer),
         )
         super().__init__(base_layer, bank, top_k=top_k)
 
