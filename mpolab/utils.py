@@ -162,7 +162,9 @@ class AtomicFiles:
         writer(str(self.path(name)))
 
     def _commit(self) -> None:
+        mode = 0o666 & ~_umask()
         for tmp, _ in self._pending:
+            os.chmod(tmp, mode)  # again: a writer may have replaced the file (safetensors writes 0600)
             _fsync(tmp)
         for tmp, final in self._pending:
             os.replace(tmp, final)

@@ -359,3 +359,37 @@ def test_save_moves_the_structure_file_last(saved, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", recording_replace)
     mpolab.save(saved["bert"][0], tmp_path / "out")
     assert moved == [WEIGHTS_NAME, HF_CONFIG_NAME, CONFIG_NAME]
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    model = nn.Sequential(nn.Linear(16, 16))
+    mpolab.compress(model, "all-linear", max_rank=2)
+    old = os.umask(0o022)
+    try:
+        mpolab.save(model, tmp_path)
+    finally:
+        os.umask(old)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_read_record_is_what_load_checks(tmp_path):
+    from mpolab.io import read_record, read_tensors
+
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))
+    mpolab.compress(model, "all-linear", max_rank=3)
+    mpolab.save(model, tmp_path)
+    saved = read_record(tmp_path)
+    assert {n: r.ranks for n, r in saved.layers.items()} == {n: m.ranks for n, m in mpo_modules(model).items()}
+    assert all(r.original == "Linear" for r in saved.layers.values())
+    mpo = saved.layers["0"].mpo_from(read_tensors(tmp_path))
+    torch.testing.assert_close(mpo.to_matrix(), model[0].weight.detach())
+    restored = mpolab.load(tmp_path, base=nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16)))
+    assert restored[0].original_type == "Linear"
+    (tmp_path / CONFIG_NAME).write_text('{"format_version": 1, "modules": {"0": {"kind": "conv"}}}')
+    for reader in (read_record, mpolab.load):
+        with pytest.raises(ValueError, match="unknown kind 'conv'"):
+            reader(tmp_path)
