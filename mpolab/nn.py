@@ -235,6 +235,9 @@ class MPOLinear(MPOModule):
         bias: learn an additive bias.
         cache_weight: cache the rebuilt weight for no-grad forwards (costs one dense weight of
             memory; turn off to keep inference memory compressed).
+        mpo: use this :class:`MPO` of ``[out_features, in_features]`` (its cores are copied)
+            instead of a random one; ``max_rank`` and the factors are then ignored.
+        original_type: class name of the dense layer this one replaces (saved by :func:`mpolab.save`).
 
     Shape:
         ``x: [..., in_features] -> [..., out_features]``.
@@ -263,22 +266,17 @@ class MPOLinear(MPOModule):
         dtype: torch.dtype | None = None,
     ) -> None:
         random = mpo is None
-        if mpo is None:
-            mpo = random_mpo(
-                out_features,
-                in_features,
-                max_rank=max_rank,
-                num_cores=num_cores,
-                out_factors=out_factors,
-                in_factors=in_factors,
-                device=device,
-                dtype=dtype,
-            )
-        elif mpo.shape != (out_features, in_features):
-            raise ValueError(
-                f"mpo has shape {list(mpo.shape)} but the layer is [out_features={out_features}, "
-                f"in_features={in_features}]"
-            )
+        mpo = _given_or_random(
+            mpo,
+            (out_features, in_features),
+            ("out_features", "in_features"),
+            max_rank=max_rank,
+            num_cores=num_cores,
+            out_factors=out_factors,
+            in_factors=in_factors,
+            device=device,
+            dtype=dtype,
+        )
         super().__init__(mpo, cache_weight=cache_weight, original_type=original_type)
         if bias:
             self.bias: nn.Parameter | None = nn.Parameter(torch.empty(out_features, device=mpo.device, dtype=mpo.dtype))
@@ -394,6 +392,12 @@ class MPOEmbedding(MPOModule):
     ``(v_L, v_R) = divmod(v, I_R)`` gets ``L[v_L] @ R[:, v_R]``: ``O(tokens · dim · r)`` work,
     never the whole table. With no gradient needed, the cached table is indexed directly.
 
+    Args:
+        num_embeddings, embedding_dim, padding_idx: as :class:`torch.nn.Embedding`.
+        max_rank, num_cores: structure of the randomly initialised MPO.
+        mpo: use this :class:`MPO` of the table instead of a random one.
+        cache_weight, original_type: as :class:`MPOLinear`.
+
     Shape:
         ``ids: [*] (int) -> [*, embedding_dim]``.
 
@@ -418,15 +422,15 @@ class MPOEmbedding(MPOModule):
         dtype: torch.dtype | None = None,
     ) -> None:
         random = mpo is None
-        if mpo is None:
-            mpo = random_mpo(
-                num_embeddings, embedding_dim, max_rank=max_rank, num_cores=num_cores, device=device, dtype=dtype
-            )
-        elif mpo.shape != (num_embeddings, embedding_dim):
-            raise ValueError(
-                f"mpo has shape {list(mpo.shape)} but the table is [num_embeddings={num_embeddings}, "
-                f"embedding_dim={embedding_dim}]"
-            )
+        mpo = _given_or_random(
+            mpo,
+            (num_embeddings, embedding_dim),
+            ("num_embeddings", "embedding_dim"),
+            max_rank=max_rank,
+            num_cores=num_cores,
+            device=device,
+            dtype=dtype,
+        )
         super().__init__(mpo, cache_weight=cache_weight, original_type=original_type)
         self.padding_idx = padding_idx
         if random:
@@ -603,6 +607,19 @@ def init_cores_(cores: Sequence[torch.Tensor], target_std: float) -> None:
     sigma = (target_std**2 / bond_product) ** (1 / (2 * n))
     for core in cores:
         core.normal_(0.0, sigma)
+
+
+def _given_or_random(
+    mpo: MPO | None, shape: tuple[int, int], names: tuple[str, str], **structure: Any
+) -> MPO:
+    """``mpo`` checked against ``shape``, or an uninitialised :func:`random_mpo` of ``structure``."""
+    if mpo is None:
+        return random_mpo(*shape, **structure)
+    if not isinstance(mpo, MPO):
+        raise TypeError(f"mpo must be an mpolab.MPO, got {type(mpo).__name__}")
+    if mpo.shape != shape:
+        raise ValueError(f"mpo has shape {list(mpo.shape)}, but {names[0]}={shape[0]} and {names[1]}={shape[1]}")
+    return mpo
 
 
 def mpo_modules(model: nn.Module) -> dict[str, MPOModule]:
