@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,30 +33,20 @@ from torch import nn
 
 from .training import Trainable, param_groups, set_trainable
 
-__all__ = ["DEFAULT_MAX_LENGTH", "HealReport", "fidelity", "heal", "perplexity", "sentence_embeddings", "token_windows"]
+__all__ = [
+    "DEFAULT_MAX_LENGTH",
+    "HealReport",
+    "fidelity",
+    "heal",
+    "logit_distillation_loss",
+    "perplexity",
+    "sentence_embeddings",
+    "token_windows",
+]
 
 #: Tokens per text (longer texts are truncated) in :func:`heal`, :func:`fidelity` and
 #: :func:`sentence_embeddings`, so that a fidelity measured on its own matches heal's report.
 DEFAULT_MAX_LENGTH = 64
-
-
-@dataclass
-class HealReport:
-    """Fidelity (mean cosine of sentence embeddings to the teacher's) before and after healing."""
-
-    fidelity_before: float
-    fidelity_after: float
-    losses: list[float] = field(default_factory=list)
-    steps: int = 0
-    seconds: float = 0.0
-
-    def __str__(self) -> str:
-        first = sum(self.losses[:5]) / max(len(self.losses[:5]), 1)
-        last = sum(self.losses[-5:]) / max(len(self.losses[-5:]), 1)
-        return (
-            f"fidelity {self.fidelity_before:.4f} -> {self.fidelity_after:.4f} after {self.steps} steps "
-            f"({self.seconds:.0f} s); distillation loss {first:.4f} -> {last:.4f}"
-        )
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -205,8 +195,10 @@ def perplexity(
     return math.exp(total / count)
 
 
-def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    kwargs: dict[str, Any] = {"input_ids": input_ids}
+def _logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **extra: Any
+) -> torch.Tensor:
+    kwargs: dict[str, Any] = {"input_ids": input_ids, **extra}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
@@ -221,6 +213,70 @@ def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     return logits
 
 
+HealLoss = Literal["auto", "hidden", "logits"]
+
+#: Defaults per distillation loss: ``(trainable, others, lr)``. Hidden-state matching (encoders)
+#: keeps MPOP's recipe; logit distillation (language models) trains only the MPO cores, at a
+#: learning rate that does not wreck a pretrained LLM (embeddings, norms and attention stay as they are).
+_DEFAULTS: dict[str, tuple[Trainable, bool, float]] = {"hidden": ("auxiliary", True, 1e-3), "logits": ("all", False, 1e-4)}
+
+
+@dataclass
+class HealReport:
+    """What :func:`heal` did: fidelity (mean cosine of sentence embeddings to the teacher's) before and after.
+
+    ``perplexity_before`` / ``perplexity_after`` are filled for language models when
+    ``eval_perplexity=True``.
+    """
+
+    fidelity_before: float
+    fidelity_after: float
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    loss: str = "hidden"
+    tokens: int = 0
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+
+    def __str__(self) -> str:
+        first = sum(self.losses[:5]) / max(len(self.losses[:5]), 1)
+        last = sum(self.losses[-5:]) / max(len(self.losses[-5:]), 1)
+        text = (
+            f"fidelity {self.fidelity_before:.4f} -> {self.fidelity_after:.4f} after {self.steps} steps "
+            f"({self.seconds:.0f} s, {self.tokens / max(self.seconds, 1e-9):.0f} tokens/s); "
+            f"{self.loss} distillation loss {first:.4f} -> {last:.4f}"
+        )
+        if self.perplexity_before is not None and self.perplexity_after is not None:
+            text += f"; perplexity {self.perplexity_before:.3f} -> {self.perplexity_after:.3f}"
+        return text
+
+
+def _is_language_model(model: nn.Module) -> bool:
+    """A causal LM or an encoder-decoder with an LM head (returns token logits)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+    names = getattr(config, "architectures", None) or [type(model).__name__]
+    return any(str(n).endswith(("ForCausalLM", "LMHeadModel")) for n in names) or type(model).__name__.endswith(
+        ("ForCausalLM", "LMHeadModel")
+    )
+
+
+def _resolve_loss(model: nn.Module, loss: str) -> str:
+    if loss not in ("auto", "hidden", "logits"):
+        raise ValueError(f"loss must be 'auto', 'hidden' or 'logits', got {loss!r}")
+    is_lm = _is_language_model(model)
+    if loss == "auto":
+        return "logits" if is_lm else "hidden"
+    if loss == "logits" and not is_lm:
+        raise ValueError(
+            f"loss='logits' needs a language model with token logits (a *ForCausalLM or a seq2seq LM); "
+            f"{type(model).__name__} is not one: use loss='hidden' for encoders"
+        )
+    return loss
+
+
 def heal(
     student: nn.Module,
     teacher: nn.Module,
@@ -229,69 +285,161 @@ def heal(
     *,
     steps: int = 100,
     batch_size: int = 16,
-    lr: float = 1e-3,
+    lr: float | None = None,
     mpo_lr: float | None = None,
-    trainable: Trainable = "auxiliary",
-    max_length: int = DEFAULT_MAX_LENGTH,
+    trainable: Trainable | None = None,
+    others: bool | None = None,
+    loss: HealLoss = "auto",
+    temperature: float = 1.0,
+    grad_accum: int = 1,
+    max_length: int | None = None,
     eval_texts: Sequence[str] | None = None,
+    eval_perplexity: bool = False,
+    max_seconds: float | None = None,
     progress: bool = True,
     seed: int = 0,
 ) -> HealReport:
     """Distil ``teacher`` into the compressed ``student`` on unlabeled ``texts``.
 
+    Two objectives:
+
+    * ``"hidden"`` (encoders): every hidden state (MSE normalised by the teacher's mean square)
+      plus ``1 - cosine`` of the mean-pooled output embeddings; one text per row.
+    * ``"logits"`` (causal and seq2seq LMs): ``T² · KL(teacher ‖ student)`` of the token
+      distributions at temperature ``T`` over every non-padding position. Causal LMs train on
+      packed windows of ``max_length`` tokens cut from the joined texts; seq2seq models get
+      the text as both input and labels.
+
+    ``"auto"`` picks ``"logits"`` for language models. The teacher runs in inference mode
+    (no graph is kept), both models in eval mode (no dropout).
+
     Args:
         student: a model compressed by :func:`mpolab.compress` (trained in place).
         teacher: the original model (never modified).
         tokenizer: a Hugging Face tokenizer for both.
-        texts: unlabeled training sentences.
-        steps, batch_size, lr, mpo_lr: the AdamW loop (``mpo_lr`` defaults to ``lr``).
-        trainable: ``"auxiliary"`` (MPOP: central tensors frozen) or ``"all"`` / ``"central"``.
-        max_length: tokens per text, for training and for the fidelity measurements.
-        eval_texts: held-out sentences for :func:`fidelity` before and after (default: ``texts``).
-        progress: show a tqdm bar with the running loss.
+        texts: unlabeled training texts.
+        steps: optimizer steps, each over ``grad_accum`` micro-batches of ``batch_size`` rows.
+        lr, mpo_lr: AdamW learning rates (``mpo_lr`` for MPO cores, defaults to ``lr``); ``lr``
+            defaults to 1e-3 for ``"hidden"`` and 1e-4 for ``"logits"``.
+        trainable: ``"auxiliary"`` (MPOP: central tensors frozen), ``"central"`` or ``"all"``;
+            default ``"auxiliary"`` for ``"hidden"``, ``"all"`` for ``"logits"``.
+        others: whether parameters outside the MPO cores (embeddings, norms, attention, biases)
+            train too; default ``True`` for ``"hidden"`` (MPOP), ``False`` for ``"logits"``.
+        temperature: softening of both distributions for ``"logits"``.
+        max_length: tokens per row (default 64 for ``"hidden"``, 256 for ``"logits"``).
+        eval_texts: held-out texts for :func:`fidelity` (and :func:`perplexity`) before and after
+            (default: ``texts``).
+        eval_perplexity: also measure the perplexity on ``eval_texts`` (language models only).
+        max_seconds: stop early once training has run this long (the cosine schedule is not
+            shortened; the report says how many steps ran).
+        progress: a tqdm bar with the running loss and tokens/s.
 
     Returns:
         A :class:`HealReport`.
+
+    Raises:
+        ValueError: ``steps``/``batch_size``/``grad_accum`` below 1, no texts, an unknown loss,
+            ``loss="logits"`` on a model without token logits, a student without MPO layers.
     """
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    for value, name in ((steps, "steps"), (batch_size, "batch_size"), (grad_accum, "grad_accum")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if not texts:
         raise ValueError("heal needs unlabeled training texts")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    kind = _resolve_loss(student, loss)
+    default_trainable, default_others, default_lr = _DEFAULTS[kind]
+    trainable = default_trainable if trainable is None else trainable
+    others = default_others if others is None else others
+    lr = default_lr if lr is None else lr
+    max_length = (64 if kind == "hidden" else 256) if max_length is None else max_length
     eval_texts = list(eval_texts) if eval_texts is not None else list(texts)
+    causal = kind == "logits" and not getattr(getattr(student, "config", None), "is_encoder_decoder", False)
     with _eval_mode(student, teacher):  # no dropout: match the teacher's deterministic outputs
-        before = fidelity(student, teacher, tokenizer, eval_texts, max_length=max_length)
-        set_trainable(student, trainable)
+        set_trainable(student, trainable, others=others)
+        before = fidelity(student, teacher, tokenizer, eval_texts, max_length=min(max_length, DEFAULT_MAX_LENGTH))
+        ppl_before = perplexity(student, tokenizer, eval_texts, seq_len=max_length) if eval_perplexity else None
         optimizer = torch.optim.AdamW(param_groups(student, lr=lr, mpo_lr=mpo_lr))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
         device = next(student.parameters()).device
+        windows = token_windows(tokenizer, texts, max_length) if causal else None
+        pool = windows.shape[0] if windows is not None else len(texts)
         rng = random.Random(seed)
         order: list[int] = []
         losses: list[float] = []
+        tokens = 0
         bar = _bar(steps, progress)
         start = time.perf_counter()
+        done = 0
         for _ in range(steps):
-            if len(order) < batch_size:
-                order += rng.sample(range(len(texts)), len(texts))
-            batch_texts = [texts[i] for i in order[:batch_size]]
-            del order[:batch_size]
-            batch = _tokenize(tokenizer, batch_texts, max_length, device)
-            with torch.no_grad():
-                target = _hidden_states(teacher, batch)
-            states = _hidden_states(student, batch)
-            loss = _distillation_loss(states, target, batch["attention_mask"])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = 0.0
+            for _ in range(grad_accum):
+                if len(order) < batch_size:
+                    order += rng.sample(range(pool), pool)
+                rows = order[:batch_size]
+                del order[:batch_size]
+                if windows is not None:
+                    batch = {"input_ids": windows[rows].to(device), "attention_mask": torch.ones_like(windows[rows]).to(device)}
+                else:
+                    batch = _tokenize(tokenizer, [texts[i] for i in rows], max_length, device)
+                value = _micro_step(student, teacher, batch, kind, temperature) / grad_accum
+                value.backward()
+                step_loss += float(value.detach())
+                tokens += int(batch["attention_mask"].sum())
             optimizer.step()
             schedule.step()
-            losses.append(loss.item())
+            losses.append(step_loss)
+            done += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                rate = tokens / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{rate:.0f}")
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                break
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start
-        after = fidelity(student, teacher, tokenizer, eval_texts, max_length=max_length)
-        return HealReport(before, after, losses, steps, seconds)
+        optimizer.zero_grad(set_to_none=True)
+        after = fidelity(student, teacher, tokenizer, eval_texts, max_length=min(max_length, DEFAULT_MAX_LENGTH))
+        ppl_after = perplexity(student, tokenizer, eval_texts, seq_len=max_length) if eval_perplexity else None
+        return HealReport(before, after, losses, done, seconds, kind, tokens, ppl_before, ppl_after)
+
+
+def _micro_step(
+    student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor], kind: str, temperature: float
+) -> torch.Tensor:
+    """The distillation loss of one micro-batch (the student's graph attached, the teacher's not)."""
+    if kind == "hidden":
+        with torch.inference_mode():
+            target = _hidden_states(teacher, batch)
+        target = tuple(t.clone() for t in target)  # inference tensors cannot enter autograd
+        return _distillation_loss(_hidden_states(student, batch), target, batch["attention_mask"])
+    seq2seq = getattr(getattr(student, "config", None), "is_encoder_decoder", False)
+    extra = {"labels": batch["input_ids"]} if seq2seq else {}
+    with torch.inference_mode():
+        teacher_logits = _logits(teacher, batch["input_ids"], batch["attention_mask"], **extra)
+    teacher_logits = teacher_logits.clone()
+    student_logits = _logits(student, batch["input_ids"], batch["attention_mask"], **extra)
+    return logit_distillation_loss(student_logits, teacher_logits, batch["attention_mask"], temperature)
+
+
+def logit_distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``T² · KL(softmax(t/T) ‖ softmax(s/T))`` averaged over positions with ``mask == 1``.
+
+    Args:
+        student_logits, teacher_logits: ``[B, L, V]``.
+        mask: ``[B, L]`` (1 for real tokens).
+    """
+    T = temperature
+    log_q = F.log_softmax(student_logits.float() / T, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / T, dim=-1)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)  # [B, L]
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1.0) * T * T
 
 
 def _distillation_loss(

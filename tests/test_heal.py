@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 import mpolab
-from mpolab.heal import fidelity, sentence_embeddings
+from mpolab.heal import fidelity, logit_distillation_loss, perplexity, sentence_embeddings, token_windows
 from mpolab.text import train_eval_sentences
 
 
@@ -85,8 +85,10 @@ def test_heal_and_fidelity_share_one_default_max_length():
 
     from mpolab.heal import DEFAULT_MAX_LENGTH
 
-    for fn in (mpolab.heal, fidelity, sentence_embeddings):
+    for fn in (fidelity, sentence_embeddings):
         assert inspect.signature(fn).parameters["max_length"].default == DEFAULT_MAX_LENGTH, fn.__name__
+    # heal's default depends on the loss: DEFAULT_MAX_LENGTH for hidden states, 256 for LM windows
+    assert inspect.signature(mpolab.heal).parameters["max_length"].default is None
 
 
 def test_heal_restores_the_teachers_mode(tokenizer):
@@ -95,3 +97,66 @@ def test_heal_restores_the_teachers_mode(tokenizer):
     mpolab.compress(student, ["intermediate.dense"], max_rank=4)
     mpolab.heal(student, teacher, tokenizer, ["x y z.", "a b c."], steps=1, batch_size=2, progress=False)
     assert teacher.training and student.training
+
+
+# ---------------------------------------------------------------------------- language models
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_perplexity_is_exp_of_the_mean_next_token_loss(tokenizer):
+    model = tiny_llama()
+    texts = train_eval_sentences(40, 4)[0]
+    ppl = perplexity(model, tokenizer, texts, seq_len=32, max_windows=3)
+    ids = token_windows(tokenizer, texts, 32, 3)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert ppl == pytest.approx(float(loss.exp()), rel=1e-4)
+    assert ppl > 1000  # a random model over 30k words
+    with pytest.raises(TypeError, match="logits"):
+        perplexity(small_bert(), tokenizer, texts, seq_len=32)
+    with pytest.raises(ValueError, match="window"):
+        perplexity(model, tokenizer, ["short"], seq_len=64)
+
+
+def test_logit_distillation_heals_a_compressed_causal_lm(tokenizer):
+    teacher = tiny_llama()
+    student = copy.deepcopy(teacher)
+    mpolab.compress(student, ["gate_proj", "up_proj", "down_proj"], ratio=0.3)
+    train, held_out = train_eval_sentences(120, 8)
+    report = mpolab.heal(student, teacher, tokenizer, train, steps=8, batch_size=4, grad_accum=2, max_length=32,
+                         lr=3e-3, eval_texts=held_out, eval_perplexity=True, progress=False)
+    assert report.loss == "logits" and report.steps == 8 and report.tokens == 8 * 2 * 4 * 32
+    assert sum(report.losses[-2:]) < sum(report.losses[:2])
+    assert report.perplexity_after is not None and "perplexity" in str(report)
+    # defaults for LMs: only the MPO cores train, embeddings/norms/attention stay frozen
+    assert not student.model.embed_tokens.weight.requires_grad
+    assert all(p.requires_grad for n, p in student.named_parameters() if "cores" in n)
+    teacher_params = dict(teacher.named_parameters())
+    for name, p in student.named_parameters():
+        if name in teacher_params and "mlp" not in name:
+            torch.testing.assert_close(p, teacher_params[name])
+
+
+def test_logit_loss_is_zero_for_identical_logits_and_refuses_encoders(tokenizer):
+    logits = torch.randn(2, 5, 11)
+    mask = torch.ones(2, 5)
+    assert float(logit_distillation_loss(logits, logits, mask, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(logit_distillation_loss(logits, torch.randn(2, 5, 11), mask)) > 0
+    model = small_bert()
+    student = copy.deepcopy(model)
+    mpolab.compress(student, ["intermediate.dense"], ratio=0.5)
+    with pytest.raises(ValueError, match="language model"):
+        mpolab.heal(student, model, tokenizer, ["a b c."], steps=1, loss="logits", progress=False)
+    with pytest.raises(ValueError, match="loss must be"):
+        mpolab.heal(student, model, tokenizer, ["a b c."], steps=1, loss="mse", progress=False)
