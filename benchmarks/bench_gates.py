@@ -59,6 +59,7 @@ from mpolab_moe.experts.base import FFNWeights  # noqa: E402
 from mpolab_moe.experts.dense import DenseExperts  # noqa: E402
 from mpolab_moe.experts.sliced import SlicedExperts  # noqa: E402
 from mpolab_moe.gates.avg_k import AvgKGate  # noqa: E402
+from mpolab_moe.gates.base import BankBoundGate  # noqa: E402
 from mpolab_moe.gates.top_any import TopAnyGate  # noqa: E402
 from mpolab_moe.gates.top_k import TopKGate  # noqa: E402
 from mpolab_moe.layer import MoE  # noqa: E402
@@ -103,7 +104,7 @@ def build_gates(bank: SlicedExperts, device: torch.device) -> dict[str, nn.Modul
         **moefication_gates(bank),
     }
     for gate in gates.values():
-        if hasattr(gate, "bind"):
+        if isinstance(gate, BankBoundGate):  # as MoE(gate, bank) would
             gate.bind(bank)
     return {name: g.to(device) for name, g in gates.items()}
 
