@@ -56,3 +56,49 @@ def test_grouped_matmul_gradients_and_errors():
 def test_expand_per_row():
     values = torch.tensor([[1.0], [2.0], [3.0]])
     assert expand_per_row(values, [2, 0, 1]).flatten().tolist() == [1.0, 1.0, 3.0]
+
+
+def test_ffn_weights_is_validated_once_with_the_bad_shape_named():
+    from mpolab_moe import FFNWeights
+
+    w1, w2 = torch.randn(16, 8), torch.randn(6, 16)
+    ffn = FFNWeights(w1, w2, b1=torch.zeros(16))
+    assert (ffn.d_model, ffn.d_ff, ffn.d_out, ffn.gated, ffn.has_bias) == (8, 16, 6, False, True)
+    assert ffn.num_params == 16 * 8 + 6 * 16 + 16
+    with pytest.raises(ValueError, match=r"w2 \(6, 15\) does not take w1's 16 hidden units"):
+        FFNWeights(w1, torch.randn(6, 15))
+    with pytest.raises(ValueError, match=r"w_gate must be \[16, 8\], got \(16, 9\)"):
+        FFNWeights(w1, w2, w_gate=torch.randn(16, 9))
+    with pytest.raises(ValueError, match=r"b2 must be \[6\]"):
+        FFNWeights(w1, w2, b2=torch.zeros(16))
+    with pytest.raises(ValueError, match="unknown activation 'swishy'"):
+        FFNWeights(w1, w2, activation="swishy")
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_grouped_ffn_matches_each_expert_on_its_rows(gated):
+    from mpolab_moe.experts.base import grouped_ffn
+
+    torch.manual_seed(0)
+    E, d, F_, counts = 3, 5, 7, [2, 0, 4]
+    w1, w2, wg = torch.randn(E, d, F_), torch.randn(E, F_, d), torch.randn(E, d, F_) if gated else None
+    b1, b2 = torch.randn(E, F_), torch.randn(E, d)
+    x = torch.randn(sum(counts), d)
+    y = grouped_ffn(x, counts, w1, w2, torch.relu, w_gate=wg, b1=b1, b2=b2)
+    rows = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
+    for t, e in enumerate(rows.tolist()):
+        h = x[t] @ w1[e] + b1[e]
+        h = torch.relu(x[t] @ wg[e]) * h if gated else torch.relu(h)
+        torch.testing.assert_close(y[t], h @ w2[e] + b2[e])
+
+
+def test_mpo_experts_are_built_through_init_and_are_central_tensor_modules():
+    import mpolab
+    from mpolab_moe import FFNWeights, MPOExperts
+
+    bank = MPOExperts.from_ffn(FFNWeights(torch.randn(64, 16), torch.randn(16, 64)), 3)
+    assert isinstance(bank, mpolab.nn.HasCentralTensor)
+    assert len(list(bank.central_parameters())) == 2 and bank.reconstruction_error.keys() == {"w1", "w2"}
+    wrong = {"w1": mpolab.decompose(torch.randn(64, 16), 3), "w2": mpolab.decompose(torch.randn(16, 48), 3)}
+    with pytest.raises(ValueError, match=r"mpos must give w1 \[64, 16\], w2 \[16, 64\]"):
+        MPOExperts(16, 64, 3, mpos=wrong)
