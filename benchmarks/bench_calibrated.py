@@ -17,7 +17,7 @@ Methods, at the same parameter budget (``ratio`` of the target matrices' paramet
 * ``plain-svd``: truncated SVD of each weight, one rank per layer from the ratio;
 * ``svd-llm``: SVD of ``W·S`` (``S = chol(XᵀX)``) mapped back by ``S⁻¹``, same ranks as plain-svd;
 * ``cal-svd-global``: whitened SVD with ranks allocated globally by relative output error
-  (dense kept where cheaper), :func:`mpolab.weighted.allocate_budget`;
+  (dense kept where cheaper), :func:`mpolab.allocate.allocate_by_output_error`;
 * ``cal-mpo``: the same budget per layer, then the layout search of
   :func:`mpolab.weighted.search_layouts` (SVD-equivalent, exact-whitening 3-core chains,
   Kronecker-whitened 5-core MPO) keeping the smallest calibrated output error per layer.
@@ -50,9 +50,9 @@ from mpolab.calibrate import InputStats, blockwise_input_stats, calibration_data
 from mpolab.heal import fidelity, perplexity  # noqa: E402
 from mpolab.mpo import MPO  # noqa: E402
 from mpolab.utils import set_submodule  # noqa: E402
+from mpolab.allocate import allocate_by_output_error  # noqa: E402
 from mpolab.weighted import (  # noqa: E402
     Layout,
-    allocate_budget,
     decompose_weighted,
     output_error,
     search_layouts,
@@ -148,7 +148,7 @@ def global_budget(
     weights: Mapping[str, torch.Tensor], stats: Mapping[str, InputStats], budget: int, damp: float
 ) -> dict[str, int]:
     curves = {name: whitened_svd_curve(W, stats[name].gram, damp) for name, W in weights.items()}
-    return allocate_budget(curves, budget)
+    return allocate_by_output_error(curves, budget)
 
 
 def calibrated(

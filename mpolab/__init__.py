@@ -10,15 +10,17 @@ Example:
 """
 
 from . import contract, shapes, truncation
+from .calibrate import InputStats, calibration_data, collect_input_stats
 from .compress import CompressionReport, compress, find_targets
 from .decompose import decompose
-from .heal import HealReport, fidelity, heal
+from .heal import HealReport, fidelity, heal, perplexity
 from .io import load, save
 from .mpo import MPO
 from .nn import HasCentralTensor, MPOEmbedding, MPOLinear, MPOModule
 from .options import TruncationOptions
 from .shapes import factorize, plan_factors
 from .training import DimensionSqueezer, param_groups, set_trainable, squeeze
+from .weighted import Layout, decompose_weighted, output_error
 
 __version__ = "0.1.0"
 
@@ -27,20 +29,27 @@ __all__ = [
     "DimensionSqueezer",
     "HasCentralTensor",
     "HealReport",
+    "InputStats",
+    "Layout",
     "MPO",
     "MPOEmbedding",
     "MPOLinear",
     "MPOModule",
     "TruncationOptions",
+    "calibration_data",
+    "collect_input_stats",
     "compress",
     "contract",
     "decompose",
+    "decompose_weighted",
     "factorize",
     "fidelity",
     "find_targets",
     "heal",
     "load",
+    "output_error",
     "param_groups",
+    "perplexity",
     "plan_factors",
     "save",
     "set_trainable",

@@ -7,6 +7,10 @@ data-free model is :class:`SpectralErrorModel`, built from a layer's exact bond 
 data) is another subclass of :class:`ErrorModel` and goes through the same allocator.
 :func:`uniform_rank_for_budget` is the uniform-cap baseline.
 
+With calibration data, :func:`allocate_by_output_error` spreads the budget by measured output
+error instead: each layer is an :class:`SVDCurve` (its whitened-SVD error at every rank, from
+:func:`mpolab.weighted.whitened_svd_curve`) plus the option of staying dense.
+
 Example:
     >>> spectra = {name: layer_spectrum(w, TruncationOptions(num_cores=5)) for name, w in weights.items()}
     >>> ranks = allocate_ranks(spectra, budget=1_000_000)
@@ -28,8 +32,10 @@ from .truncation import bond_caps, feasible_ranks, full_bond_dims, num_params_fo
 
 __all__ = [
     "ErrorModel",
+    "SVDCurve",
     "SpectralErrorModel",
     "Spectrum",
+    "allocate_by_output_error",
     "allocate_ranks",
     "cores_for",
     "layer_spectrum",
@@ -299,3 +305,102 @@ def uniform_rank_for_budget(model_weights: Mapping[str, torch.Tensor], budget: i
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if params(mid) <= budget else (lo, mid - 1)
     return lo
+
+
+# ----------------------------------------------------------------------------- calibrated (output-error) allocation
+
+
+@dataclass
+class SVDCurve:
+    """Calibrated error of a layer as a function of its whitened-SVD rank.
+
+    ``tail[r]`` is the output energy ``‖(W - Ŵ_r) S‖²`` left at rank ``r`` (``r = 0 … max_rank``),
+    ``energy`` is ``‖W S‖²``; a rank-``r`` SVD costs ``r · (out + in)`` parameters and the
+    dense layer ``out · in``.
+    """
+
+    out_features: int
+    in_features: int
+    tail: torch.Tensor
+    energy: float
+
+    @property
+    def dense_params(self) -> int:
+        return self.out_features * self.in_features
+
+    def params(self, rank: int) -> int:
+        return rank * (self.out_features + self.in_features)
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank that is still smaller than the dense layer."""
+        return min(int(self.tail.numel()) - 1, (self.dense_params - 1) // (self.out_features + self.in_features))
+
+
+def allocate_by_output_error(
+    curves: Mapping[str, SVDCurve],
+    budget: int,
+    *,
+    weights: Mapping[str, float] | None = None,
+    allow_dense: bool = True,
+) -> dict[str, int]:
+    """Parameters per layer minimising ``Σ_l w_l · tail_l / energy_l`` within ``budget``.
+
+    Each layer's options are the whitened-SVD ranks ``1 … max_rank`` and (``allow_dense``) its
+    dense weight at error 0. A Lagrange multiplier ``λ`` is bisected: each layer picks the option
+    minimising ``w·err + λ·params``, and the smallest ``λ`` whose choices fit is kept; the
+    leftover is then spent greedily on the best error drop per parameter. ``w_l`` defaults to
+    1 (relative output errors count equally).
+
+    Returns:
+        ``{name: params}``: a layer's parameter count is ``out·in`` when it stays dense.
+
+    Raises:
+        ValueError: the budget is below rank 1 everywhere.
+    """
+    weights = dict(weights or {})
+    names = list(curves)
+    minimum = sum(curves[n].params(1) for n in names)
+    if budget < minimum:
+        raise ValueError(f"budget {budget} is below the {minimum} parameters of rank 1 in every layer")
+    params: dict[str, torch.Tensor] = {}
+    errors: dict[str, torch.Tensor] = {}
+    for n in names:
+        c = curves[n]
+        ranks = torch.arange(1, c.max_rank + 1)
+        p = ranks * (c.out_features + c.in_features)
+        e = c.tail[1 : c.max_rank + 1] * (weights.get(n, 1.0) / max(c.energy, 1e-300))
+        if allow_dense:
+            p = torch.cat([p, torch.tensor([c.dense_params])])
+            e = torch.cat([e, torch.zeros(1, dtype=e.dtype)])
+        params[n], errors[n] = p.double(), e.double()
+
+    def pick(lam: float) -> dict[str, int]:
+        return {n: int(torch.argmin(errors[n] + lam * params[n])) for n in names}
+
+    def cost(choice: Mapping[str, int]) -> int:
+        return int(sum(int(params[n][i]) for n, i in choice.items()))
+
+    lo, hi = 0.0, 1.0
+    while cost(pick(hi)) > budget:
+        hi *= 4
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if cost(pick(mid)) <= budget else (mid, hi)
+    choice = pick(hi)
+    spent = cost(choice)
+    while True:  # spend what is left, one step at a time, best error drop per parameter first
+        best_gain, best_name = 0.0, None
+        for n, i in choice.items():
+            if i + 1 < params[n].numel():
+                extra = int(params[n][i + 1] - params[n][i])
+                if extra <= budget - spent:
+                    gain = float(errors[n][i] - errors[n][i + 1]) / max(extra, 1)
+                    if gain > best_gain:
+                        best_gain, best_name = gain, n
+        if best_name is None:
+            break
+        i = choice[best_name]
+        spent += int(params[best_name][i + 1] - params[best_name][i])
+        choice[best_name] = i + 1
+    return {n: int(params[n][i]) for n, i in choice.items()}

@@ -4,7 +4,11 @@ The steps live in their own modules: :mod:`mpolab.targets` finds the layers, :mo
 spreads a global budget (``ratio=`` / ``max_params=``) over them by their bond spectra, and
 :func:`mpolab.decompose` builds each MPO. This module runs them in order and reports what it did.
 ``rel_tol=`` and ``max_rank=`` apply per layer, and ``rank_pattern`` overrides any layer by name
-(an overridden layer's parameters still count against a global budget). Everything is checked
+(an overridden layer's parameters still count against a global budget). With ``calibration=``
+data the decomposition is data-aware (:mod:`mpolab.calibrated`): each layer's error is measured
+on its recorded inputs, the budget follows that output error, the layout (SVD-equivalent two
+cores, whitening-friendly chains, the plain MPO) is searched per layer, and a layer whose MPO
+would not be smaller than its dense weight stays dense. Everything is checked
 and built before the first layer is replaced, so an error leaves the model as it was.
 
 Example:
@@ -21,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from .allocate import allocate_ranks, cores_for, layer_spectrum, uniform_rank_for_budget
+from .calibrated import CalibratedPlan, LayoutChoice, plan_calibrated
 from .decompose import decompose
 from .mpo import MPO
 from .nn import MPOEmbedding, MPOLinear, MPOModule, mpo_modules
@@ -56,6 +61,8 @@ class LayerReport:
     params_before: int
     params_after: int
     rel_error: float
+    layout: str = ""
+    output_error: float | None = None
 
 
 @dataclass
@@ -92,29 +99,48 @@ class CompressionReport(TableReport):
             "model_params_after": self.model_params_after,
         }
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the layers were chosen on calibration data (the table then shows layouts and output errors)."""
+        return any(r.output_error is not None for r in self.layers)
+
+    @property
+    def dense_layers(self) -> list[str]:
+        """Targets kept dense because no MPO of theirs was smaller (calibrated compression only)."""
+        return [r.name for r in self.layers if r.layout == "dense"]
+
     def header(self) -> list[str]:
-        return ["layer", "kind", "shape", "ranks", "params", "kept", "rel. error"]
+        base = ["layer", "kind", "shape", "ranks", "params", "kept", "rel. error"]
+        return base[:3] + ["layout"] + base[3:] + ["output error"] if self.calibrated else base
 
     def rows(self) -> list[list[str]]:
-        return [
-            [
+        rows = []
+        for r in self.layers:
+            row = [
                 r.name,
                 r.kind,
                 f"{r.shape[0]}x{r.shape[1]}",
-                ",".join(map(str, r.ranks)),
+                ",".join(map(str, r.ranks)) or "-",
                 f"{r.params_before:,} -> {r.params_after:,}",
                 f"{r.params_after / r.params_before:.1%}",
                 f"{r.rel_error:.4f}",
             ]
-            for r in self.layers
-        ]
+            if self.calibrated:
+                error = "-" if r.output_error is None else f"{r.output_error:.4f}"
+                row = row[:3] + [r.layout] + row[3:] + [error]
+            rows.append(row)
+        return rows
 
     def summary(self) -> list[str]:
         return [
             f"targets: {self.params_before:,} -> {self.params_after:,} parameters ({self.ratio:.1%}), "
             f"mean relative error {self.mean_rel_error:.4f}; "
             f"model: {self.model_params_before:,} -> {self.model_params_after:,}"
-        ]
+        ] + (
+            [f"kept dense (an MPO would not be smaller): {len(self.dense_layers)} of {len(self.layers)} targets"]
+            if self.dense_layers
+            else []
+        )
 
 
 def compress(
@@ -132,6 +158,11 @@ def compress(
     svd: SVDBackend = "auto",
     cache_weight: bool = True,
     progress: bool = False,
+    calibration: Iterable[Any] | None = None,
+    layout: LayoutChoice = "auto",
+    blockwise: bool = False,
+    damp: float = 1e-2,
+    refit_steps: int = 0,
 ) -> CompressionReport:
     """Replace the target layers of ``model`` by MPO layers, in place.
 
@@ -157,6 +188,18 @@ def compress(
             peft's ``rank_pattern``; overridden layers keep their own rule and count against a
             global budget.
         progress: show a tqdm progress bar over layers.
+        calibration: model inputs to calibrate on (the output of
+            :func:`mpolab.calibration_data`, or any iterable of dicts for ``model(**batch)``,
+            tensors or tuples). With it compression is data-aware: ``rel_tol`` means relative
+            *output* error on these inputs, a budget is allocated by measured output error,
+            and layers may stay dense (see :mod:`mpolab.calibrated`). ``rank_pattern`` layers
+            keep their own (plain) rule.
+        layout: calibrated only: ``"auto"`` (per-layer search, the SVD-equivalent two-core
+            layout among the candidates), ``"svd"`` or ``"mpo"`` (the plain ``num_cores`` layout).
+        blockwise: calibrated only: block by block, later blocks calibrated on the outputs of
+            the already compressed ones (GPTQ style).
+        damp: calibrated only: damping of each input Gram matrix, a fraction of its mean diagonal.
+        refit_steps: calibrated only: Adam steps per layer refitting the cores to the outputs.
 
     Returns:
         A :class:`CompressionReport` with per-layer shapes, factors, ranks, parameters and
@@ -184,8 +227,27 @@ def compress(
         if overridden:
             fixed.add(name)
 
-    mpos: dict[str, MPO] = {}
-    if opts.has_budget:
+    mpos: dict[str, MPO | None] = {}
+    calibrated = None
+    if calibration is not None and (opts.has_budget or opts.rel_tol is not None or opts.max_rank is not None):
+        fixed_mpos = {n: decompose(weights[n], options=plans[n]) for n in fixed}
+        free = {n: targets[n] for n in plans if n not in fixed}
+        budget = opts.budget_for(sum(w.numel() for w in weights.values())) if opts.has_budget else None
+        calibrated = plan_calibrated(
+            model,
+            free,
+            calibration,
+            opts,
+            budget=None if budget is None else budget - sum(m.num_params for m in fixed_mpos.values()),
+            layout=layout,
+            damp=damp,
+            blockwise=blockwise,
+            refit_steps=refit_steps,
+            install=lambda n, mpo: _replacement(targets[n], mpo, cache_weight),
+            progress=progress,
+        )
+        mpos = {**fixed_mpos, **calibrated.mpos}
+    elif opts.has_budget:
         budget = opts.budget_for(sum(w.numel() for w in weights.values()))
         assert budget is not None
         mpos = {n: decompose(weights[n], options=plans[n]) for n in fixed}  # they count against the budget
@@ -200,26 +262,48 @@ def compress(
     for name in _progress(list(targets), progress, "compress"):
         if name not in mpos:
             mpos[name] = decompose(weights[name], options=plans[name])
-        replacements[name] = _replacement(targets[name], mpos[name], cache_weight)
+        mpo_or_dense = mpos[name]
+        if mpo_or_dense is not None:  # None: calibrated compression keeps this layer dense
+            replacements[name] = _replacement(targets[name], mpo_or_dense, cache_weight)
     report = CompressionReport(model_params_before=model_before)
-    for name, replacement in replacements.items():
-        set_submodule(model, name, replacement)
-        mpo = mpos[name]
-        report.layers.append(
-            LayerReport(
-                name=name,
-                kind=layer_kind(targets[name]) or "?",
-                shape=mpo.shape,
-                out_factors=mpo.out_factors,
-                in_factors=mpo.in_factors,
-                ranks=mpo.ranks,
-                params_before=weights[name].numel(),
-                params_after=mpo.num_params,
-                rel_error=float(mpo.truncation_error or 0.0),
-            )
-        )
+    for name in targets:
+        if name in replacements:
+            set_submodule(model, name, replacements[name])
+        report.layers.append(_layer_report(name, targets[name], weights[name], mpos[name], calibrated))
     report.model_params_after = sum(p.numel() for p in model.parameters())
     return report
+
+
+def _layer_report(
+    name: str, module: nn.Module, weight: Any, mpo: MPO | None, calibrated: CalibratedPlan | None
+) -> LayerReport:
+    """One report row; ``mpo=None`` is a layer kept dense by calibrated compression."""
+    kind = layer_kind(module) or "?"
+    shape = (int(weight.shape[0]), int(weight.shape[1]))
+    layout = "" if calibrated is None else calibrated.layouts.get(name, "plain")
+    out_error = None if calibrated is None else calibrated.output_errors.get(name)
+    if mpo is None:
+        return LayerReport(name, kind, shape, (), (), (), weight.numel(), weight.numel(), 0.0, "dense", 0.0)
+    return LayerReport(
+        name=name,
+        kind=kind,
+        shape=mpo.shape,
+        out_factors=mpo.out_factors,
+        in_factors=mpo.in_factors,
+        ranks=mpo.ranks,
+        params_before=weight.numel(),
+        params_after=mpo.num_params,
+        rel_error=float(_weight_error(weight, mpo) if calibrated is not None else (mpo.truncation_error or 0.0)),
+        layout=layout,
+        output_error=out_error,
+    )
+
+
+def _weight_error(weight: Any, mpo: MPO) -> float:
+    """``‖W - Ŵ‖ / ‖W‖`` (a calibrated MPO's ``truncation_error`` is an output error, not this)."""
+    W = weight.detach().double()
+    norm = float(W.norm())
+    return float((mpo.to_matrix().double() - W).norm()) / norm if norm > 0 else 0.0
 
 
 def _model_options(

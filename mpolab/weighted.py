@@ -22,8 +22,8 @@ not ``‖W - Ŵ‖_F``. The routes here all decompose a *whitened* matrix ``A = 
 
 :func:`search_layouts` tries several layouts at one parameter budget, the SVD-equivalent one
 always among them, and keeps the one with the smallest calibrated output error, so the chosen
-MPO is never worse than calibrated SVD at the same budget. :func:`whitened_svd_curve` and
-:func:`allocate_budget` spread a global budget over layers by output error.
+MPO is never worse than calibrated SVD at the same budget. :func:`whitened_svd_curve` gives
+the error curve :func:`mpolab.allocate.allocate_by_output_error` spreads a global budget with.
 
 Example:
     >>> stats = mpolab.calibrate.collect_input_stats(model, {"fc": fc}, calib)["fc"]
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .allocate import SVDCurve
 from .decompose import decompose
 from .mpo import MPO
 from .shapes import plan_factors
@@ -46,8 +47,6 @@ from .shapes import plan_factors
 __all__ = [
     "LayerChoice",
     "Layout",
-    "SVDCurve",
-    "allocate_budget",
     "decompose_weighted",
     "kronecker_factors",
     "layout_candidates",
@@ -478,33 +477,6 @@ def search_layouts(
 # ----------------------------------------------------------------------------- global budget
 
 
-@dataclass
-class SVDCurve:
-    """Calibrated error of a layer as a function of its whitened-SVD rank.
-
-    ``tail[r]`` is the output energy ``‖(W - Ŵ_r) S‖²`` left at rank ``r`` (``r = 0 … max_rank``),
-    ``energy`` is ``‖W S‖²``; a rank-``r`` SVD costs ``r · (out + in)`` parameters and the
-    dense layer ``out · in``.
-    """
-
-    out_features: int
-    in_features: int
-    tail: torch.Tensor
-    energy: float
-
-    @property
-    def dense_params(self) -> int:
-        return self.out_features * self.in_features
-
-    def params(self, rank: int) -> int:
-        return rank * (self.out_features + self.in_features)
-
-    @property
-    def max_rank(self) -> int:
-        """The largest rank that is still smaller than the dense layer."""
-        return min(int(self.tail.numel()) - 1, (self.dense_params - 1) // (self.out_features + self.in_features))
-
-
 def whitened_svd_curve(W: torch.Tensor, gram: torch.Tensor, damp: float = DEFAULT_DAMP) -> SVDCurve:
     """The :class:`SVDCurve` of ``W`` from the singular values of ``W·S`` (one SVD)."""
     _check_pair(W, gram)
@@ -514,73 +486,3 @@ def whitened_svd_curve(W: torch.Tensor, gram: torch.Tensor, damp: float = DEFAUL
         sq = torch.linalg.eigvalsh(small).flip(0).clamp_min(0).cpu()  # σ², descending (float64 Gram route)
     tail = torch.cat([sq.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=sq.dtype)])
     return SVDCurve(int(W.shape[0]), int(W.shape[1]), tail, float(sq.sum()))
-
-
-def allocate_budget(
-    curves: Mapping[str, SVDCurve],
-    budget: int,
-    *,
-    weights: Mapping[str, float] | None = None,
-    allow_dense: bool = True,
-) -> dict[str, int]:
-    """Parameters per layer minimising ``Σ_l w_l · tail_l / energy_l`` within ``budget``.
-
-    Each layer's options are the whitened-SVD ranks ``1 … max_rank`` and (``allow_dense``) its
-    dense weight at error 0. A Lagrange multiplier ``λ`` is bisected: each layer picks the option
-    minimising ``w·err + λ·params``, and the smallest ``λ`` whose choices fit is kept; the
-    leftover is then spent greedily on the best error drop per parameter. ``w_l`` defaults to
-    1 (relative output errors count equally).
-
-    Returns:
-        ``{name: params}``: a layer's parameter count is ``out·in`` when it stays dense.
-
-    Raises:
-        ValueError: the budget is below rank 1 everywhere.
-    """
-    weights = dict(weights or {})
-    names = list(curves)
-    minimum = sum(curves[n].params(1) for n in names)
-    if budget < minimum:
-        raise ValueError(f"budget {budget} is below the {minimum} parameters of rank 1 in every layer")
-    params: dict[str, torch.Tensor] = {}
-    errors: dict[str, torch.Tensor] = {}
-    for n in names:
-        c = curves[n]
-        ranks = torch.arange(1, c.max_rank + 1)
-        p = ranks * (c.out_features + c.in_features)
-        e = c.tail[1 : c.max_rank + 1] * (weights.get(n, 1.0) / max(c.energy, 1e-300))
-        if allow_dense:
-            p = torch.cat([p, torch.tensor([c.dense_params])])
-            e = torch.cat([e, torch.zeros(1, dtype=e.dtype)])
-        params[n], errors[n] = p.double(), e.double()
-
-    def pick(lam: float) -> dict[str, int]:
-        return {n: int(torch.argmin(errors[n] + lam * params[n])) for n in names}
-
-    def cost(choice: Mapping[str, int]) -> int:
-        return int(sum(int(params[n][i]) for n, i in choice.items()))
-
-    lo, hi = 0.0, 1.0
-    while cost(pick(hi)) > budget:
-        hi *= 4
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if cost(pick(mid)) <= budget else (mid, hi)
-    choice = pick(hi)
-    spent = cost(choice)
-    while True:  # spend what is left, one step at a time, best error drop per parameter first
-        best_gain, best_name = 0.0, None
-        for n, i in choice.items():
-            if i + 1 < params[n].numel():
-                extra = int(params[n][i + 1] - params[n][i])
-                if extra <= budget - spent:
-                    gain = float(errors[n][i] - errors[n][i + 1]) / max(extra, 1)
-                    if gain > best_gain:
-                        best_gain, best_name = gain, n
-        if best_name is None:
-            break
-        i = choice[best_name]
-        spent += int(params[best_name][i + 1] - params[best_name][i])
-        choice[best_name] = i + 1
-    return {n: int(params[n][i]) for n, i in choice.items()}
-

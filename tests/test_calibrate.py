@@ -159,3 +159,65 @@ def test_calibration_data_packs_windows_and_pads_sentences():
         warnings.simplefilter("error")
         with pytest.raises(UserWarning, match="only"):
             calibration_data(WordTokenizer(), texts, num_tokens=10_000, seq_len=16)
+
+
+# ----------------------------------------------------------------------------- compress(calibration=...)
+
+
+def ffn_output_error(model, reference, data):
+    with torch.no_grad():
+        return sum(float((model(**b).logits - reference(**b).logits).square().sum()) for b in data)
+
+
+def test_calibrated_compress_beats_plain_at_the_same_budget():
+    import copy
+
+    import mpolab
+
+    teacher = tiny_llama()
+    data = batches(4, rows=4, length=32)
+    plain, calibrated = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    plain_report = mpolab.compress(plain, targets, ratio=0.5)
+    report = mpolab.compress(calibrated, targets, ratio=0.5, calibration=data)
+    assert report.calibrated and report.params_after <= int(0.5 * report.params_before)
+    assert all(r.output_error is not None and r.layout for r in report.layers)
+    assert "output error" in str(report) and "layout" in str(report)
+    assert ffn_output_error(calibrated, teacher, data) < ffn_output_error(plain, teacher, data)
+    assert plain_report.params_after <= int(0.5 * report.params_before)
+    # every MPO layer is a plain MPOLinear
+    assert all(isinstance(calibrated.get_submodule(r.name), mpolab.MPOLinear) for r in report.layers if r.layout != "dense")
+
+
+def test_calibrated_compress_keeps_dense_when_an_mpo_is_not_smaller_and_blockwise_runs():
+    import copy
+
+    import mpolab
+
+    teacher = tiny_llama()
+    data = batches(2, rows=4, length=32)
+    model = copy.deepcopy(teacher)
+    report = mpolab.compress(model, ["down_proj"], rel_tol=1e-4, calibration=data)
+    assert len(report.dense_layers) == 2 and report.params_after == report.params_before
+    assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
+    assert "kept dense" in str(report)
+    blockwise = copy.deepcopy(teacher)
+    report = mpolab.compress(blockwise, ["gate_proj", "up_proj", "down_proj"], ratio=0.6, calibration=data, blockwise=True)
+    assert report.params_after <= int(0.6 * report.params_before)
+    with torch.no_grad():
+        assert torch.isfinite(blockwise(**data[0]).logits).all()
+
+
+def test_calibrated_compress_bad_inputs_leave_the_model_untouched():
+    import copy
+
+    import mpolab
+
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="empty"):
+        mpolab.compress(model, ["down_proj"], ratio=0.5, calibration=[])
+    with pytest.raises(ValueError, match="layout must be"):
+        mpolab.compress(model, ["down_proj"], ratio=0.5, calibration=batches(1), layout="tucker")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)

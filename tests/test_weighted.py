@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import mpolab
+from mpolab.allocate import allocate_by_output_error
 from mpolab.weighted import (
     Layout,
-    allocate_budget,
     decompose_weighted,
     kronecker_factors,
     layout_candidates,
@@ -141,12 +141,12 @@ def test_allocation_spends_the_budget_where_the_error_is():
     hard = torch.randn(OUT, IN, dtype=torch.float64)
     curves = {"easy": whitened_svd_curve(easy, G), "hard": whitened_svd_curve(hard, G)}
     budget = 12 * (OUT + IN)
-    alloc = allocate_budget(curves, budget)
+    alloc = allocate_by_output_error(curves, budget)
     assert sum(alloc.values()) <= budget
     assert alloc["easy"] == 3 * (OUT + IN)  # the exact rank and nothing more
     assert alloc["hard"] > alloc["easy"]
     with pytest.raises(ValueError, match="below"):
-        allocate_budget(curves, 10)
+        allocate_by_output_error(curves, 10)
 
 
 def test_whitening_survives_rank_deficient_inputs():
