@@ -46,7 +46,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mpolab  # noqa: E402
-from mpolab.calibrate import InputStats, blockwise_input_stats, calibration_data, collect_input_stats  # noqa: E402
+from mpolab.calibrate import (  # noqa: E402
+    InputStats,
+    blockwise_input_stats,
+    calibration_data,
+    collect_input_stats,
+    output_sensitivity,
+)
 from mpolab.heal import fidelity, perplexity  # noqa: E402
 from mpolab.mpo import MPO  # noqa: E402
 from mpolab.utils import set_submodule  # noqa: E402
@@ -145,10 +151,12 @@ def svd_llm(
 
 
 def global_budget(
-    weights: Mapping[str, torch.Tensor], stats: Mapping[str, InputStats], budget: int, damp: float
+    weights: Mapping[str, torch.Tensor], stats: Mapping[str, InputStats], budget: int, damp: float,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> dict[str, int]:
     curves = {name: whitened_svd_curve(W, stats[name].gram, damp) for name, W in weights.items()}
-    return allocate_by_output_error(curves, budget)
+    layer_weights = None if sensitivity is None else {n: sensitivity[n] * curves[n].energy for n in curves}
+    return allocate_by_output_error(curves, budget, weights=layer_weights)
 
 
 def calibrated(
@@ -234,6 +242,7 @@ def run_smollm2(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
 
+    sens = None
     for ratio in args.ratios:
         # plain MPO: today's compress on a copy of the targets' parents (restored afterwards)
         if "plain-mpo" in args.methods:
@@ -267,12 +276,49 @@ def run_smollm2(args: argparse.Namespace) -> dict[str, Any]:
             for v in layouts.values():
                 counts[v] = counts.get(v, 0) + 1
             record("cal-mpo", ratio, mpos, stats_s + alloc_s + time.perf_counter() - t0, {"layouts": counts})
+        if "cal-mpo-sens" in args.methods:
+            t0 = time.perf_counter()
+            if sens is None:
+                sens = output_sensitivity(model, targets, calib)
+            sens_alloc = global_budget(weights, stats, budget, args.damp, sens)
+            mpos_s, layouts_s = calibrated(weights, stats, sens_alloc, args.damp, search=True)
+            dense = sum(v == "dense" for v in layouts_s.values())
+            record("cal-mpo-sens", ratio, mpos_s, stats_s + time.perf_counter() - t0, {"dense_layers": dense})
+            if args.heal_seconds > 0:
+                rows.append(heal_smollm2(model, tokenizer, swap, mpos_s, ratio, dense_ppl, args, "cal-mpo-sens+heal"))
+        if args.heal_seconds > 0 and "cal-mpo" in args.methods:
+            rows.append(heal_smollm2(model, tokenizer, swap, mpos, ratio, dense_ppl, args))
         if "cal-mpo-blockwise" in args.methods:
             t0 = time.perf_counter()
             mpos = blockwise(model, targets, calib, ratio, allocation, args)
             record("cal-mpo-blockwise", ratio, mpos, time.perf_counter() - t0)
     return {"model": "SmolLM2-135M-Instruct", "targets": len(targets), "dense_params": dense_total,
             "calib_tokens": stats[next(iter(stats))].tokens, "eval_windows": args.windows, "rows": rows}
+
+
+def heal_smollm2(
+    model: nn.Module, tokenizer: Any, swap: Swap, mpos: dict[str, MPO | None], ratio: float, dense_ppl: float,
+    args: argparse.Namespace, label: str = "cal-mpo+heal",
+) -> dict[str, Any]:
+    """Logit distillation of the calibrated model (MPO cores only) for at most ``--heal-seconds``."""
+    from mpolab.text import news_documents
+
+    teacher = copy.deepcopy(model).eval()
+    params = swap.install(mpos)
+    report = mpolab.heal(
+        model, teacher, tokenizer, list(news_documents("background")), steps=args.heal_steps, batch_size=4,
+        grad_accum=1, lr=args.heal_lr, max_length=256, max_seconds=args.heal_seconds, progress=False,
+        eval_texts=list(news_documents("test"))[:8],
+    )
+    value = perplexity(model, tokenizer, list(news_documents("test")), seq_len=256, max_windows=args.windows)
+    swap.restore()
+    del teacher
+    row = {"method": label, "ratio": ratio, "params": params, "params_frac": params / sum(
+        m.weight.numel() for m in swap.originals.values()), "ppl": value, "x_dense": value / dense_ppl,
+        "mean_out_err": float("nan"), "seconds": report.seconds, "heal_steps": report.steps, "heal_tokens": report.tokens}
+    print(f"  {label:16s} ratio {ratio:.2f}: ppl {value:.3f} (x{value / dense_ppl:.3f}) after {report.steps} steps, "
+          f"{report.tokens} tokens, {report.seconds:.0f} s of healing", flush=True)
+    return row
 
 
 def blockwise(
@@ -367,6 +413,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"])
     parser.add_argument("--minilm-ratio", type=float, default=0.5)
     parser.add_argument("--heal", action="store_true", help="MiniLM: also heal each method with the demo's defaults")
+    parser.add_argument("--heal-seconds", type=float, default=0.0, help="SmolLM2: heal cal-mpo for this long (0: no)")
+    parser.add_argument("--heal-steps", type=int, default=60)
+    parser.add_argument("--heal-lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "bench_calibrated.json"))
     args = parser.parse_args()

@@ -39,6 +39,7 @@ __all__ = [
     "blockwise_input_stats",
     "calibration_data",
     "collect_input_stats",
+    "output_sensitivity",
     "run_model",
 ]
 
@@ -402,6 +403,83 @@ def _maybe_progress(items: Iterable[Any], enabled: bool, desc: str) -> Iterable[
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, unit="batch")
+
+
+# ----------------------------------------------------------------------------- sensitivity
+
+
+def _language_model_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's own next-token loss on ``batch`` (``labels = input_ids``, padding ignored)."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError("output_sensitivity needs dict batches with input_ids (for labels) or a loss_fn")
+    batch = dict(_to_device(batch, _device_of(model)))  # type: ignore[arg-type]
+    labels = batch["input_ids"].clone()
+    if "attention_mask" in batch:
+        labels[batch["attention_mask"] == 0] = -100
+    out = model(**batch, labels=labels)
+    loss = getattr(out, "loss", None)
+    if loss is None:
+        raise TypeError(f"{type(model).__name__} returned no loss for labels=input_ids; pass loss_fn=")
+    return loss
+
+
+def output_sensitivity(
+    model: nn.Module,
+    targets: Mapping[str, nn.Module],
+    data: Iterable[Batch],
+    *,
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+    max_batches: int | None = 2,
+) -> dict[str, float]:
+    """Mean squared loss gradient per output entry of each target: ``E_t ‖∂L/∂y_t‖² / out``.
+
+    An error ``Δy`` on a layer's outputs raises the loss by about ``s · ‖Δy‖²`` (a Fisher,
+    isotropic-per-layer estimate), so ``s`` turns a layer's output error into its effect on the
+    model's loss. One forward and backward pass per batch (``loss_fn(model, batch)``, default the
+    model's own next-token loss with ``labels = input_ids``); nothing is trained (gradients of
+    the parameters are not kept).
+
+    Returns:
+        ``{name: s}`` (float, > 0 for layers that affect the loss).
+    """
+    sums = dict.fromkeys(targets, 0.0)
+    counts = dict.fromkeys(targets, 0)
+    loss_fn = loss_fn or _language_model_loss
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, grad_input: Any, grad_output: tuple[torch.Tensor, ...]) -> None:
+            g = grad_output[0]
+            if g is not None:
+                sums[name] += float(g.detach().double().square().sum())
+                counts[name] += g.numel()
+
+        return record
+
+    handles = [m.register_full_backward_hook(hook(n)) for n, m in targets.items()]
+    flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    weights = {id(m.weight) for m in targets.values()}
+    try:
+        for p, _, _ in flags:  # a graph through the targets only: their weights require grad, nothing else
+            p.requires_grad_(id(p) in weights)
+            p.grad = None
+        seen = 0
+        with _no_cache(model):
+            for batch in data:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                with torch.enable_grad(), warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss_fn(model, batch).backward()
+                seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag, grad in flags:
+            p.requires_grad_(flag)
+            p.grad = grad
+    if seen == 0:
+        raise ValueError("the calibration data is empty: give at least one batch of model inputs")
+    return {n: sums[n] / counts[n] if counts[n] else 0.0 for n in targets}
 
 
 # ----------------------------------------------------------------------------- block by block

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .allocate import allocate_by_output_error
-from .calibrate import InputStats, blockwise_input_stats, collect_input_stats
+from .calibrate import InputStats, blockwise_input_stats, collect_input_stats, output_sensitivity
 from .mpo import MPO
 from .options import TruncationOptions
 from .shapes import plan_factors
@@ -58,6 +58,7 @@ class CalibratedPlan:
         output_errors: ``{name: relative output error on the calibration inputs}``.
         tokens: calibration tokens each layer saw.
         candidates: ``{name: {layout name: relative (damped) output error}}`` of the search.
+        sensitivity: ``{name: mean squared loss gradient per output}`` when measured.
     """
 
     mpos: dict[str, MPO | None] = field(default_factory=dict)
@@ -65,6 +66,7 @@ class CalibratedPlan:
     output_errors: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
     candidates: dict[str, dict[str, float]] = field(default_factory=dict)
+    sensitivity: dict[str, float] = field(default_factory=dict)
 
     def record(self, name: str, choice: LayerChoice, tokens: int) -> None:
         self.mpos[name] = choice.mpo
@@ -177,6 +179,7 @@ def plan_calibrated(
     blockwise: bool = False,
     refit_steps: int = 0,
     allow_dense: bool = True,
+    sensitivity: bool = False,
     install: Callable[[str, MPO], nn.Module] | None = None,
     progress: bool = False,
 ) -> CalibratedPlan:
@@ -198,6 +201,11 @@ def plan_calibrated(
             statistics. Needs ``install`` (how to build the temporary layer).
         refit_steps: Adam refit steps per layer after the sweep (0: none).
         allow_dense: let a layer stay dense when that is cheaper than its MPO.
+        sensitivity: weight each layer's output error in the budget allocation by its measured
+            effect on the model's loss (:func:`mpolab.calibrate.output_sensitivity`: one
+            backward pass over two calibration batches; needs dict batches with ``input_ids``
+            and a model that returns a loss for ``labels=``). Without it, relative output
+            errors count equally.
 
     Raises:
         ValueError: what :mod:`mpolab.calibrate` raises (empty data, NaN activations naming the
@@ -205,7 +213,7 @@ def plan_calibrated(
     """
     if layout not in ("auto", "svd", "mpo"):
         raise ValueError(f"layout must be 'auto', 'svd' or 'mpo', got {layout!r}")
-    if blockwise and budget is not None and not isinstance(calibration, Sequence):
+    if (blockwise or sensitivity) and budget is not None and not isinstance(calibration, Sequence):
         calibration = list(calibration)
     weights = {name: weight_matrix(m) for name, m in targets.items()}
     plan = CalibratedPlan()
@@ -216,7 +224,14 @@ def plan_calibrated(
     if budget is not None:
         assert stats is not None
         curves = {n: whitened_svd_curve(weights[n], stats[n].gram, damp) for n in targets}
-        allocation = allocate_by_output_error(curves, budget, allow_dense=allow_dense)
+        layer_weights = None
+        if sensitivity:
+            if not isinstance(calibration, Sequence):
+                calibration = list(calibration)
+            scores = output_sensitivity(model, targets, calibration)
+            layer_weights = {n: scores[n] * curves[n].energy for n in targets}  # loss ≈ s · ‖ΔY‖²
+            plan.sensitivity = scores
+        allocation = allocate_by_output_error(curves, budget, weights=layer_weights, allow_dense=allow_dense)
 
     def decide(names: Iterable[str], layer_stats: Mapping[str, InputStats]) -> None:
         for n in names:

@@ -163,6 +163,7 @@ def compress(
     blockwise: bool = False,
     damp: float = 1e-2,
     refit_steps: int = 0,
+    sensitivity: bool = False,
 ) -> CompressionReport:
     """Replace the target layers of ``model`` by MPO layers, in place.
 
@@ -200,6 +201,8 @@ def compress(
             the already compressed ones (GPTQ style).
         damp: calibrated only: damping of each input Gram matrix, a fraction of its mean diagonal.
         refit_steps: calibrated only: Adam steps per layer refitting the cores to the outputs.
+        sensitivity: calibrated budgets only: weight each layer's output error by its measured
+            effect on the loss (one backward pass over two calibration batches; language models).
 
     Returns:
         A :class:`CompressionReport` with per-layer shapes, factors, ranks, parameters and
@@ -243,6 +246,7 @@ def compress(
             damp=damp,
             blockwise=blockwise,
             refit_steps=refit_steps,
+            sensitivity=sensitivity,
             install=lambda n, mpo: _replacement(targets[n], mpo, cache_weight),
             progress=progress,
         )

@@ -221,3 +221,27 @@ def test_calibrated_compress_bad_inputs_leave_the_model_untouched():
         mpolab.compress(model, ["down_proj"], ratio=0.5, calibration=batches(1), layout="tucker")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
+
+
+def test_output_sensitivity_measures_without_training():
+    from mpolab.calibrate import output_sensitivity
+
+    model = tiny_llama()
+    targets = {n: m for n, m in model.named_modules() if n.endswith(("up_proj", "down_proj"))}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scores = output_sensitivity(model, targets, batches(2))
+    assert set(scores) == set(targets) and all(v > 0 for v in scores.values())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="empty"):
+        output_sensitivity(model, targets, [])
+
+
+def test_sensitivity_weighted_budget():
+    import copy
+
+    import mpolab
+
+    model = copy.deepcopy(tiny_llama())
+    report = mpolab.compress(model, ["gate_proj", "up_proj", "down_proj"], ratio=0.5, calibration=batches(2), sensitivity=True)
+    assert report.params_after <= int(0.5 * report.params_before)
