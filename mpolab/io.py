@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import safetensors.torch
 import torch
@@ -424,12 +424,14 @@ def _parse_layer(name: str, rec: Any, file: Path) -> LayerRecord:
         keys = ("num_embeddings", "embedding_dim")
     else:
         raise ValueError(f"{where} has unknown kind {kind!r} (expected 'linear' or 'embedding')")
-    shape = tuple(rec.get(k) for k in keys)
-    if not _positive_ints(list(shape)):
-        raise ValueError(f"{where} needs positive integer {keys[0]} and {keys[1]}, got {shape}")
+    given = [rec.get(k) for k in keys]
+    if not _positive_ints(given):
+        raise ValueError(f"{where} needs positive integer {keys[0]} and {keys[1]}, got {tuple(given)}")
+    shape = (int(given[0]), int(given[1]))  # type: ignore[arg-type]
     out_f, in_f, ranks = rec.get("out_factors"), rec.get("in_factors"), rec.get("ranks")
     if not (_positive_ints(out_f) and _positive_ints(in_f) and _positive_ints(ranks)):
         raise ValueError(f"{where} needs lists of positive integers out_factors, in_factors and ranks")
+    out_f, in_f, ranks = cast("list[int]", out_f), cast("list[int]", in_f), cast("list[int]", ranks)
     if not out_f or len(out_f) != len(in_f) or len(ranks) != len(out_f) - 1:
         raise ValueError(
             f"{where} has inconsistent factors/ranks: out_factors={out_f}, in_factors={in_f}, ranks={ranks} "
@@ -449,7 +451,7 @@ def _parse_layer(name: str, rec: Any, file: Path) -> LayerRecord:
     return LayerRecord(
         name=name,
         kind=kind,
-        shape=(shape[0], shape[1]),  # type: ignore[arg-type]
+        shape=shape,
         out_factors=tuple(out_f),
         in_factors=tuple(in_f),
         ranks=tuple(ranks),
@@ -487,10 +489,13 @@ def _build_hf_model(path: Path, name: str | None, config_file: Path) -> nn.Modul
     hf_config = path / HF_CONFIG_NAME
     if not hf_config.is_file():
         raise FileNotFoundError(f"{hf_config} is missing; it is needed to build {name} (or pass base=)")
+    config_class = cls.config_class
+    if config_class is None:
+        raise ValueError(f"{config_file}: model_class {name!r} has no config class to read {hf_config} with")
     try:
-        config = cls.config_class.from_json_file(hf_config)
+        config = config_class.from_json_file(hf_config)
     except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{hf_config} is not a valid {cls.config_class.__name__} ({e})") from e
+        raise ValueError(f"{hf_config} is not a valid {config_class.__name__} ({e})") from e
     return cls(config)
 
 
@@ -505,7 +510,7 @@ def _compatible_shape(module: nn.Module) -> tuple[str, tuple[int, int], str] | N
     if isinstance(module, nn.Linear):
         return "linear", (module.out_features, module.in_features), "Linear"
     if is_conv1d(module):
-        rows, cols = module.weight.shape  # Conv1D stores [in, out]
+        rows, cols = tuple(module.get_parameter("weight").shape)  # Conv1D stores [in, out]
         return "linear", (int(cols), int(rows)), "Conv1D"
     return None
 
@@ -606,7 +611,7 @@ def _check_and_load(model: nn.Module, state: dict[str, torch.Tensor], strict: bo
         warnings.warn(message, stacklevel=3)
 
     # Saved dtypes win: recast the model's tensors in place (keeps Parameter identity and ties).
-    live = dict(model.named_parameters(remove_duplicate=False))
+    live: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     live.update(dict(model.named_buffers(remove_duplicate=False)))
     with torch.no_grad():
         for key, t in live.items():

@@ -153,7 +153,7 @@ class MPO:
         """
         if path not in ("auto", "cores", "dense"):
             raise ValueError(f"path must be 'auto', 'cores' or 'dense', got {path!r}")
-        return contract.apply_mpo(x, self.cores, self.out_features, self.in_features, path=path)  # type: ignore[arg-type]
+        return contract.apply_mpo(x, self.cores, self.out_features, self.in_features, path=path)
 
     def norm(self) -> float:
         """Frobenius norm of the represented matrix, without forming it."""

@@ -17,7 +17,7 @@ rebuilds ``W`` once or contracts the activations through the cores, whichever
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -299,7 +299,8 @@ class MPOLinear(MPOModule):
 
     def _reset_bias(self) -> None:
         bound = 1 / math.sqrt(self.in_features)
-        nn.init.uniform_(self.bias, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
     def from_mpo(
@@ -596,12 +597,13 @@ def random_mpo(
 
 
 @torch.no_grad()
-def init_cores_(cores: Sequence[torch.Tensor], target_std: float) -> None:
+def init_cores_(cores: Iterable[torch.Tensor], target_std: float) -> None:
     """Fill ``cores`` in place with Gaussians of one std ``σ`` so their product's entries have std ``target_std``.
 
     An entry of the product sums ``Π r_k`` products of ``n`` core entries, so its variance is
     ``σ^(2n) Π r_k``.
     """
+    cores = list(cores)
     n = len(cores)
     bond_product = math.prod(int(c.shape[3]) for c in cores[:-1])
     sigma = (target_std**2 / bond_product) ** (1 / (2 * n))

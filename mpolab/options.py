@@ -50,13 +50,13 @@ class TruncationOptions:
             without a rank cap; a per-bond ``max_rank`` in tensorly's ``[1, r1, ..., 1]`` form.
     """
 
-    max_rank: int | tuple[int, ...] | None = None
+    max_rank: int | Sequence[int] | None = None
     rel_tol: float | None = None
     max_params: int | None = None
     ratio: float | None = None
     num_cores: int | None = None
-    out_factors: tuple[int, ...] | None = None
-    in_factors: tuple[int, ...] | None = None
+    out_factors: Sequence[int] | None = None
+    in_factors: Sequence[int] | None = None
     svd: str = "auto"
     pad: bool | None = None
 

@@ -104,7 +104,7 @@ def sweep(
         discarded += split.discarded_sq
         r_left = split.rank
         if dense:
-            i, j = rest[k]  # type: ignore[misc]
+            i, j = rest[k]
             carry = split.right.reshape(r_left, i, j, -1)
         else:
             nxt = rest[k].to(compute_dtype)  # type: ignore[union-attr]

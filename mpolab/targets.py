@@ -158,5 +158,8 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
     ``Conv1D`` stores ``[in, out]`` and is transposed (a view, no copy).
     """
-    w = module.weight.detach()
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is not a tensor")
+    w = weight.detach()
     return w.T if is_conv1d(module) else w
