@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Literal, overload
+from typing import Any, Literal
 
 from torch import nn
 
@@ -65,14 +65,6 @@ class UpcycleReport:
 EXACT_TOL = 1e-5
 
 
-@overload
-def upcycle(
-    ffn: FFN | nn.Module, num_experts: int = ..., *, return_report: Literal[False] = ..., **options: Any
-) -> MoE: ...
-@overload
-def upcycle(
-    ffn: FFN | nn.Module, num_experts: int = ..., *, return_report: Literal[True], **options: Any
-) -> tuple[MoE, UpcycleReport]: ...
 def upcycle(
     ffn: FFN | nn.Module,
     num_experts: int = 8,

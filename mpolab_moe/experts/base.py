@@ -387,6 +387,8 @@ class FFNBank(ExpertBank):
     w_gate: Tensor | nn.Module | None
     b1: Tensor | None
     b2: Tensor | None
+    act: Callable[[Tensor], Tensor]
+    activation_name: str
 
     def __init__(self) -> None:
         super().__init__()

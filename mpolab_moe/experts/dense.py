@@ -37,6 +37,12 @@ class DenseExperts(FFNBank):
         >>> MoE(TopKGate(768, 8, k=1), bank)                              # a Switch layer
     """
 
+    w1: nn.Parameter
+    w2: nn.Parameter
+    w_gate: nn.Parameter | None
+    b1: nn.Parameter | None
+    b2: nn.Parameter | None
+
     def __init__(
         self,
         d_model: int,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +58,12 @@ class MPOExperts(FFNBank):
         >>> bank.reconstruction_error      # {'w1': 1e-7, 'w2': 1e-7} at exact ranks
     """
 
+    w1: SharedCentralMPO
+    w2: SharedCentralMPO
+    w_gate: SharedCentralMPO | None
+    b1: nn.Parameter | None
+    b2: nn.Parameter | None
+
     def __init__(
         self,
         d_model: int,
@@ -91,7 +98,7 @@ class MPOExperts(FFNBank):
         self.w1 = SharedCentralMPO(mpos["w1"], E)
         self.w_gate = SharedCentralMPO(mpos["w_gate"], E) if gated else None
         self.w2 = SharedCentralMPO(mpos["w2"], E)
-        kw = {"device": mpos["w1"].device, "dtype": mpos["w1"].dtype}
+        kw: dict[str, Any] = {"device": mpos["w1"].device, "dtype": mpos["w1"].dtype}
         self.b1 = nn.Parameter(torch.zeros(E, self.d_ff, **kw)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(E, self.out_features, **kw)) if bias else None
         if random:

@@ -66,6 +66,11 @@ class SlicedExperts(FFNBank):
     """
 
     capabilities = frozenset({Capability.KEYS, Capability.NEURON_GROUPS})
+    w1: nn.Parameter
+    w2: nn.Parameter
+    w_gate: nn.Parameter | None
+    b1: nn.Parameter | None
+    b2: nn.Parameter | None
 
     def __init__(
         self,
