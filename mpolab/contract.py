@@ -81,7 +81,7 @@ def einsum_symbols(num_cores: int) -> tuple[list[str], list[str], list[str], str
         ``num_cores`` column letters, and one more letter (``opt_einsum.get_symbol(3n + 1)``) that
         is free for a batch index (:func:`apply_mpo`) or an expert index (stacked cores).
 
-    Example:
+    Examples:
         >>> bonds, rows, cols, extra = einsum_symbols(2)
         >>> len(bonds), len(rows), len(cols), extra not in bonds + rows + cols
         (3, 2, 2, True)
@@ -104,7 +104,7 @@ def core_terms(num_cores: int, stacked: Sequence[bool] | None = None, first: int
         first: index of the first core of the run; the run is cores
             ``first … first + len(stacked) - 1``.
 
-    Example:
+    Examples:
         >>> core_terms(2)
         ['adfb', 'begc']
         >>> core_terms(3, stacked=[True, False], first=1)   # expert letter 'k' on core 1
@@ -133,7 +133,7 @@ def _apply_equation(n: int) -> str:
 def batch_class(batch: int) -> int:
     """Round a batch size up to a power of two: one cached path per class, not per size.
 
-    Example:
+    Examples:
         >>> batch_class(33)
         64
     """

@@ -77,7 +77,7 @@ def decompose(
         TypeError: ``W`` is not a floating-point tensor.
         ValueError: ``W`` is not 2-D, is empty, or holds NaN/Inf; an option is out of range.
 
-    Example:
+    Examples:
         >>> W = torch.randn(3072, 768)
         >>> mpo = decompose(W, rel_tol=0.05)
         >>> mpo.truncation_error <= 0.05

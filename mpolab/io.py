@@ -20,7 +20,7 @@ over it. Loading never unpickles:
 tensors are read with :func:`safetensors.torch.load_file` and MPO layers are rebuilt empty from
 the recorded structure (no decomposition), then filled from the file.
 
-Example:
+Examples:
     >>> mpolab.compress(model, "all-linear", ratio=0.5)
     >>> mpolab.save(model, "out/")
     >>> restored = mpolab.load("out/")                      # Hugging Face models: rebuilt from config.json
@@ -96,7 +96,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     Raises:
         ValueError: ``path`` exists and is not a folder.
 
-    Example:
+    Examples:
         >>> mpolab.compress(model, "all-linear", max_rank=16)
         >>> mpolab.save(model, "compressed/")
         PosixPath('compressed')
@@ -231,7 +231,7 @@ def load(
             does not record a ``transformers`` model class. On these errors a given ``base`` is
             left as it was.
 
-    Example:
+    Examples:
         >>> model = mpolab.load("compressed/")                     # Hugging Face model
         >>> model = mpolab.load("compressed/", base=MyNet())       # any other model
     """
@@ -346,7 +346,7 @@ def read_record(path: str | os.PathLike[str]) -> SavedRecord:
         ValueError: ``path`` is a file; the JSON is invalid, of another ``format_version``, or a
             layer record is inconsistent (naming the layer and the field).
 
-    Example:
+    Examples:
         >>> saved = read_record("compressed/")
         >>> {name: layer.ranks for name, layer in saved.layers.items()}
     """

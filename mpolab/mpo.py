@@ -41,7 +41,7 @@ class MPO:
         truncation_error: relative Frobenius error ``‖W - Ŵ‖ / ‖W‖`` of the truncation that made
             this MPO (exact in exact arithmetic for TT-SVD); ``None`` if unknown.
 
-    Example:
+    Examples:
         >>> W = torch.randn(3072, 768)
         >>> mpo = mpolab.decompose(W, max_rank=64)
         >>> mpo.ranks, mpo.central_index, mpo.to_matrix().shape
@@ -196,7 +196,7 @@ class MPO:
         to squeeze ranks; the result is in mixed-canonical form around the central tensor and its
         :attr:`truncation_error` is relative to this MPO.
 
-        Example:
+        Examples:
             >>> small = mpo.truncate(max_rank=32)
         """
         # svd is checked by backend_for: this MPO's ranks already cap a randomized SVD.

@@ -242,7 +242,7 @@ class MPOLinear(MPOModule):
     Shape:
         ``x: [..., in_features] -> [..., out_features]``.
 
-    Example:
+    Examples:
         >>> layer = MPOLinear.from_linear(nn.Linear(768, 3072), rel_tol=0.1)
         >>> layer.freeze_central()
         >>> y = layer(torch.randn(8, 768))          # [8, 3072]
@@ -402,7 +402,7 @@ class MPOEmbedding(MPOModule):
     Shape:
         ``ids: [*] (int) -> [*, embedding_dim]``.
 
-    Example:
+    Examples:
         >>> emb = MPOEmbedding.from_embedding(nn.Embedding(30522, 384), max_rank=64)
         >>> emb(torch.tensor([[101, 2023, 102]])).shape
         torch.Size([1, 3, 384])
@@ -572,7 +572,7 @@ def random_mpo(
     Bonds are ``max_rank`` clipped to what the factors allow; fill the cores with
     :func:`init_cores_` (or any initialiser) before use.
 
-    Example:
+    Examples:
         >>> mpo = random_mpo(3072, 768, max_rank=16)
         >>> init_cores_(mpo.cores, target_std=0.02)
         >>> mpo.ranks

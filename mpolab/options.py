@@ -5,7 +5,7 @@
 describe "how to cut a matrix into an MPO" with the same keywords. They build one
 :class:`TruncationOptions` (checked once, in ``__post_init__``) and pass it down explicitly.
 
-Example:
+Examples:
     >>> opts = TruncationOptions(max_rank=[8, 16, 16, 8], svd="gram")
     >>> opts.max_rank, opts.num_cores_resolved
     ((8, 16, 16, 8), 5)
@@ -136,7 +136,7 @@ class TruncationOptions:
     def budget_for(self, dense_params: int) -> int | None:
         """The parameter budget for a matrix of ``dense_params`` entries (``None`` without one).
 
-        Example:
+        Examples:
             >>> TruncationOptions(ratio=0.25).budget_for(1000)
             250
         """

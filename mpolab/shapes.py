@@ -11,7 +11,7 @@ into factors ``I = i1·…·in`` and ``J = j1·…·jn``. This module picks thos
   sliced back exactly on the way out.
 * :func:`plan_factors` does both for a whole matrix and validates explicit factor lists.
 
-Example:
+Examples:
     >>> factorize(3072, 5)
     (4, 4, 8, 6, 4)
     >>> plan_factors(3072, 768, 5)
@@ -59,7 +59,7 @@ def factorize(n: int, num_factors: int) -> tuple[int, ...]:
     at the ends. The product is always exactly ``n``; use :func:`padded_size` first if ``n`` has
     a large prime factor.
 
-    Example:
+    Examples:
         >>> factorize(768, 5), factorize(4096, 5), factorize(7, 2)
         ((3, 4, 4, 4, 4), (4, 4, 8, 8, 4), (1, 7))
     """
@@ -99,7 +99,7 @@ def padded_size(n: int, num_factors: int) -> int:
     Returns ``n`` itself when it already factorises within :data:`MAX_IMBALANCE`. Searches up
     to ``n · (1 + MAX_PAD_FRACTION)`` and returns the best-balanced size found there otherwise.
 
-    Example:
+    Examples:
         >>> padded_size(3072, 5), padded_size(30522, 5), padded_size(1009, 5)
         (3072, 30576, 1024)
     """
@@ -168,7 +168,7 @@ def plan_factors(
         ValueError: factor lists of different lengths, a product that does not match (with a
             hint when the matrix looks transposed), or more cores than the sizes allow.
 
-    Example:
+    Examples:
         >>> plan_factors(30522, 384, 5).padded_shape
         (30576, 384)
     """

@@ -12,7 +12,7 @@ __all__ = ["TableReport", "text_table"]
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """Left-aligned columns two spaces apart, a dashed rule under the header; one string per line.
 
-    Example:
+    Examples:
         >>> print("\\n".join(text_table(["layer", "ranks"], [["fc", "4,4"]])))
         layer  ranks
         -----  -----
@@ -30,7 +30,7 @@ class TableReport(ABC):
 
     ``str(report)`` is the table (:func:`text_table`) followed by the :meth:`summary` lines.
 
-    Example:
+    Examples:
         >>> class Sizes(TableReport):
         ...     def header(self): return ["name", "size"]
         ...     def rows(self): return [["fc", "12"]]

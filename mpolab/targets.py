@@ -5,7 +5,7 @@ Targets are ``nn.Linear``, ``nn.Embedding`` and Hugging Face GPT-2's ``Conv1D`` 
 ``"encoder.layer.0.attention.self.query"``), regular expressions matched against full names, or
 ``"all-linear"`` (every linear layer but an ``lm_head``, as peft does).
 
-Example:
+Examples:
     >>> find_targets(model, ["query", "value"], exclude_modules=r".*[.]0[.].*")
     {'encoder.layer.1.attention.self.query': Linear(...), ...}
 """
@@ -43,7 +43,7 @@ ALL_LINEAR = "all-linear"
 def matches(name: str, pattern: str) -> bool:
     """Whether module ``name`` matches ``pattern``: exact name, dotted suffix or regex.
 
-    Example:
+    Examples:
         >>> matches("encoder.layer.0.attention.self.query", "query")
         True
     """

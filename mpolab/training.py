@@ -8,7 +8,7 @@
   dimensions during training while the loss stays near its target, swapping the new, smaller
   parameters into the optimizer so training goes on.
 
-Example:
+Examples:
     >>> mpolab.compress(model, "all-linear", ratio=0.5)
     >>> mpolab.set_trainable(model, "auxiliary")
     >>> opt = torch.optim.AdamW(mpolab.param_groups(model, lr=1e-4, mpo_lr=5e-5))
@@ -105,7 +105,7 @@ def param_groups(
     :class:`~mpolab.nn.HasCentralTensor` module (MPO layers, MPO expert banks). Only trainable
     parameters are included; empty groups are left out.
 
-    Example:
+    Examples:
         >>> opt = torch.optim.AdamW(param_groups(model, lr=1e-4, mpo_lr=5e-5))
     """
     central, auxiliary = _split_parameters(model)
@@ -218,7 +218,7 @@ class DimensionSqueezer:
     come back within ``patience`` steps, the last squeeze is undone (the previous cores are
     restored) and squeezing stops.
 
-    Example:
+    Examples:
         >>> squeezer = DimensionSqueezer(model, optimizer, shrink=8)
         >>> for batch in data:
         ...     loss = step(batch)

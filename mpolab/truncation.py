@@ -64,7 +64,7 @@ def squared_norm(A: torch.Tensor) -> float:
 def full_bond_dims(core_sizes: Sequence[int]) -> list[int]:
     """Exact bond dimensions ``r_k = min(Π_{m<=k} s_m, Π_{m>k} s_m)`` for cores of ``s_k = i_k·j_k`` entries.
 
-    Example:
+    Examples:
         >>> full_bond_dims([12, 16, 32, 24, 16])   # 3072x768 in 5 cores
         [12, 192, 384, 16]
     """
@@ -84,7 +84,7 @@ def feasible_ranks(core_sizes: Sequence[int], ranks: Sequence[int]) -> list[int]
     sweep silently clips a larger rank on the left side and stores a redundant one on the right,
     so parameters counted for infeasible ranks are never used.
 
-    Example:
+    Examples:
         >>> feasible_ranks([16, 16, 16, 16, 64], [8, 1, 108, 8])
         [8, 1, 16, 8]
     """

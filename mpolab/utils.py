@@ -3,7 +3,7 @@
 Everything here is public and documented so that ``mpolab`` and ``mpolab_moe`` never reach
 into each other's private names. Nothing here knows about MPOs or experts.
 
-Example:
+Examples:
     >>> from mpolab.utils import check_positive_int, set_submodule, atomic_files
     >>> check_positive_int(8, "num_experts")
     8
@@ -41,7 +41,7 @@ __all__ = [
 def check_positive_int(value: object, name: str, *, allow_none: bool = False) -> int:
     """``value`` as an ``int >= 1``; ``TypeError`` for a non-int (bools included), ``ValueError`` below 1.
 
-    Example:
+    Examples:
         >>> check_positive_int(0, "k")
         Traceback (most recent call last):
         ValueError: k must be a positive int (>= 1), got 0
@@ -184,7 +184,7 @@ def atomic_files(folder: str | os.PathLike[str]) -> Iterator[AtomicFiles]:
     On a clean exit every file is fsynced and moved into place in write order; on any exception
     the temporaries are removed and the exception propagates.
 
-    Example:
+    Examples:
         >>> with atomic_files("out/") as files:
         ...     files.write_with("model.safetensors", lambda p: safetensors.torch.save_file(tensors, p))
         ...     files.write_text("config.json", json.dumps(record))

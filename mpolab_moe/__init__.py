@@ -1,6 +1,6 @@
 """mpolab_moe: mixtures of experts on one layer with two plug points, a gate and an expert bank.
 
-Example:
+Examples:
     >>> from mpolab_moe import MoE, TopKGate, DenseExperts, MPOExperts, moefy, aux_loss, GradientMask
     >>> layer = MoE(TopKGate(768, num_experts=8, k=1), DenseExperts(768, 3072, num_experts=8))   # Switch
     >>> MoE(AvgKGate(768, 8, k=2), DenseExperts(768, 3072, 8))     # TypeError: AvgKGate needs KEYS ...

@@ -9,7 +9,7 @@ Three steps, each usable on its own:
   :mod:`mpolab_moe.registry`;
 * :func:`moefy` does both for chosen layers and returns a :class:`MoefyReport`.
 
-Example:
+Examples:
     >>> model = T5ForConditionalGeneration.from_pretrained("t5-small")
     >>> report = moefy(model, layers=[4, 5], num_experts=8, experts="mpo")   # last two encoder FFNs
     >>> print(report)
@@ -146,7 +146,7 @@ def moefy(
     Raises:
         ValueError: unknown method (the message lists the registered ones), bad layers, bad options.
 
-    Example:
+    Examples:
         >>> report = moefy(gpt2, layers=[-2, -1], num_experts=8, experts="mpo", max_rank=64)
         >>> print(report)
         >>> loss = gpt2(**batch, labels=batch["input_ids"]).loss + 0.01 * aux_loss(gpt2)

@@ -9,7 +9,7 @@ Layer indices are positions in :func:`find_ffns`' list, which follows block orde
 encoder's blocks come first: with ``n`` blocks per stack, indices ``0..n-1`` are the encoder's FFNs
 and ``n..2n-1`` the decoder's. Module names work as well (``"decoder.block.1"``, ``"encoder"``).
 
-Example:
+Examples:
     >>> ffn = find_ffns(gpt2)[0]
     >>> ffn.name, ffn.w1.shape, ffn.activation
     ('transformer.h.0.mlp', torch.Size([3072, 768]), 'gelu_new')
@@ -79,7 +79,7 @@ class FFN(FFNWeights):
         module: the FFN module (for BERT the ``BertLayer`` that holds ``intermediate`` and ``output``).
         family: ``"t5"``, ``"gpt2"``, ``"bert"``, ``"llama"`` or ``"sequential"``.
 
-    Example:
+    Examples:
         >>> ffn = find_ffns(gpt2)[0]
         >>> ffn.name, ffn.w1.shape, ffn.activation
         ('transformer.h.0.mlp', torch.Size([3072, 768]), 'gelu_new')
@@ -146,7 +146,7 @@ class FFN(FFNWeights):
 class MoEWithDropout(nn.Module):
     """``dropout(moe(x))``: what takes GPT-2's ``mlp`` slot (GPT2MLP ends with the residual dropout).
 
-    Example:
+    Examples:
         >>> block.mlp = MoEWithDropout(moe, block.mlp.dropout)
     """
 
@@ -273,7 +273,7 @@ def find_ffns(model: nn.Module, layers: LayerSpec = None) -> list[FFN]:
         ValueError: no recognised FFN, an index out of range, or an unknown module name.
         TypeError: a named module that is not a supported FFN.
 
-    Example:
+    Examples:
         >>> [f.name for f in find_ffns(t5, layers=[0, -1])]
         ['encoder.block.0.layer.1.DenseReluDense', 'decoder.block.5.layer.2.DenseReluDense']
     """

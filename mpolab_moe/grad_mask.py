@@ -45,7 +45,7 @@ class GradientMask:
         p_b: probability that a step is masked, in ``[0, 1]``.
         seed: seed of the mask's own random generator (``None``: drawn from torch's global RNG).
 
-    Example:
+    Examples:
         >>> mask = GradientMask(model, p_b=0.5, seed=0).attach(optimizer)
         >>> loss.backward(); optimizer.step()          # masked or not, decided inside step()
         >>> mask.last_masked, mask.num_masked, mask.num_steps

@@ -27,7 +27,7 @@ def check_pair(gate: Gate, experts: ExpertBank, *, capacity_factor: float | None
         TypeError: not a gate / not a bank / a missing capability.
         ValueError: sizes that disagree, a bad ``capacity_factor``, capacity with a soft gate.
 
-    Example:
+    Examples:
         >>> check_pair(AvgKGate(16, 4, k=2), DenseExperts(16, 32, 4))
         Traceback (most recent call last):
         TypeError: AvgKGate cannot route DenseExperts: the gate needs KEYS, which DenseExperts lacks ...
@@ -86,7 +86,7 @@ class MoE(nn.Module):
         experts: an :class:`~mpolab_moe.experts.base.ExpertBank` with the gate's ``num_experts``.
         capacity_factor: ``None`` (dropless) or ``> 0`` (sparse gates only).
 
-    Example:
+    Examples:
         >>> layer = MoE(TopKGate(768, 8, k=1), DenseExperts(768, 3072, 8))    # Switch
         >>> y = layer(torch.randn(4, 128, 768))
         >>> layer.last_stats.tokens_per_expert.sum()
@@ -196,7 +196,7 @@ def aux_loss(model: nn.Module) -> Tensor:
     Add it to the task loss (``loss = task_loss + 0.01 * aux_loss(model)``); a zero tensor when the
     model has no MoE layer or no gate with aux losses.
 
-    Example:
+    Examples:
         >>> loss = out.loss + 0.01 * aux_loss(model)
     """
     terms = [m.aux_loss for m in moe_layers(model).values() if m.aux_loss is not None]

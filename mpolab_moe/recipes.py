@@ -14,7 +14,7 @@ side by side.
 * **DynMoE** (Guo et al. 2024): top-any gate over 16 slots, 8 active at the start, on upcycled
   copies of the FFN (as DynMoE's MoE-LLaVA and vision models are built), adaptive expert count.
 
-Example:
+Examples:
     >>> report = moefy(bert, method="emoe")                      # layers 10 and 11 of BERT-base
     >>> handle = AvgKGate.attach(optimizer, bert)                # EMoE's gate follows the keys
     >>> moefy(t5, method="moefication", router="similarity")     # every FFN, 96 experts for T5-base
@@ -132,7 +132,7 @@ def split_ffn(
         hidden_states: ``[N, d]`` recorded FFN inputs (for ``"coactivation"``).
         seed, bias_mode, bias_k: see :mod:`mpolab_moe.split` and ``SlicedExperts``.
 
-    Example:
+    Examples:
         >>> bank = split_ffn(find_ffns(bert)[0], 16)
     """
     keys = ffn.w_gate if ffn.w_gate is not None else ffn.w1
@@ -247,7 +247,7 @@ def build_moefication(
         experts: only ``"sliced"`` (MoEfication's experts are the FFN's own neurons).
         bias_mode: where ``b2`` goes (``SlicedExperts``); capacity_factor: ``None`` (dropless).
 
-    Example:
+    Examples:
         >>> moefy(t5, method="moefication")                           # 96 experts, k = 20 on T5-base
     """
     if experts != "sliced":
@@ -308,7 +308,7 @@ def build_emoe(
 
     Remember to keep the router on the keys while training: ``AvgKGate.attach(optimizer, model)``.
 
-    Example:
+    Examples:
         >>> moefy(bert, method="emoe")
     """
     if experts != "sliced":
@@ -371,7 +371,7 @@ def build_dynmoe(
         split, hidden_states: for ``experts="sliced"`` (see :func:`split_ffn`).
         gate: only ``"top_any"`` (``moefy``'s argument, checked).
 
-    Example:
+    Examples:
         >>> moefy(gpt2, method="dynmoe")                    # every other block, 16 slots, 8 active
     """
     if gate not in (None, "top_any"):

@@ -4,7 +4,7 @@
 (:mod:`mpolab_moe.recipes`) register themselves when ``mpolab_moe`` is imported; add your own with
 :func:`register_method`. This module imports nothing else of the package.
 
-Example:
+Examples:
     >>> register_method("switch8", lambda ffn, **kw: upcycle(ffn, 8, experts="dense", **kw),
     ...                 lambda n, family: list(range(1, n, 2)))        # every other layer
     >>> "switch8" in registered_methods()

@@ -12,7 +12,7 @@ Two forms cover every gate in this package:
 Auxiliary losses ride along already multiplied by the gate's coefficients, so the layer just adds
 them up.
 
-Example:
+Examples:
     >>> idx = torch.tensor([[0], [2], [-1]])                  # third token: no expert
     >>> r = Routing(idx, torch.ones(3, 1), num_experts=4)
     >>> r.experts_per_token

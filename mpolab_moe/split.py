@@ -12,7 +12,7 @@ neuron indices (a permutation of ``range(F)``, each row sorted), ready for
 
 The optional dependencies come with ``pip install mpolab-torch[moefication]``.
 
-Example:
+Examples:
     >>> groups = balanced_kmeans(ffn.w1, num_experts=16)             # [16, F/16]
     >>> bank = SlicedExperts.from_ffn(ffn, groups)                     # ffn from find_ffns
 """
@@ -85,7 +85,7 @@ def groups_from_labels(labels: Tensor | np.ndarray, num_experts: int) -> Tensor:
 def random_split(num_neurons: int, num_experts: int, seed: int = 0) -> Tensor:
     """Baseline: a random permutation of ``range(F)`` cut into ``E`` groups ``[E, F/E]`` (rows sorted).
 
-    Example:
+    Examples:
         >>> random_split(8, 2, seed=0).shape
         torch.Size([2, 4])
     """
@@ -97,7 +97,7 @@ def random_split(num_neurons: int, num_experts: int, seed: int = 0) -> Tensor:
 def contiguous_split(num_neurons: int, num_experts: int) -> Tensor:
     """Baseline: neurons ``e*F/E .. (e+1)*F/E - 1`` form expert ``e``.
 
-    Example:
+    Examples:
         >>> contiguous_split(6, 3).tolist()
         [[0, 1], [2, 3], [4, 5]]
     """
@@ -139,7 +139,7 @@ def balanced_kmeans(
         ValueError: bad sizes (see :func:`check_split_sizes`), an unknown method, or ``"constrained"``
             without ``k_means_constrained`` installed.
 
-    Example:
+    Examples:
         >>> groups = balanced_kmeans(bert.encoder.layer[0].intermediate.dense.weight, 16)
     """
     if not isinstance(w1, Tensor) or w1.dim() != 2:
@@ -321,7 +321,7 @@ def coactivation_split(
         ImportError: ``pymetis`` missing (names the extra to install).
         ValueError: bad sizes, hidden states of the wrong width, or no co-activation at all.
 
-    Example:
+    Examples:
         >>> groups = coactivation_split(ffn.w1, ffn.b1, recorded_inputs, 16, activation="gelu")
     """
     pymetis = _optional("pymetis", "coactivation_split")

@@ -1,6 +1,6 @@
 """``upcycle``: an MoE layer whose every expert starts as a copy of one FFN (MPOE, Switch-style).
 
-Example:
+Examples:
     >>> moe = upcycle(t5.encoder.block[0].layer[1].DenseReluDense, num_experts=8, experts="mpo")
     >>> moe, report = upcycle(ffn, 8, experts="mpo", return_report=True)
     >>> report.exact_at_init, report.reconstruction_error
@@ -128,7 +128,7 @@ def upcycle(
         ValueError: unknown ``experts``/``gate``/``weighting``, ``k`` out of range or contradicting
             ``gate``, truncation options with dense experts.
 
-    Example:
+    Examples:
         >>> moe, report = upcycle(t5.encoder.block[0].layer[1].DenseReluDense, 8, experts="mpo", return_report=True)
         >>> report.reconstruction_error
         {'w1': 3.1e-07, 'w2': 2.9e-07}

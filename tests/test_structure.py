@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["mpolab"]
+PACKAGES = ["mpolab", "mpolab_moe"]
 
 
 def _module_name(path: Path) -> str:

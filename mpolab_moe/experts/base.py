@@ -141,7 +141,7 @@ class ExpertBank(nn.Module, ABC):
     Subclasses set ``num_experts``, ``in_features`` and ``out_features``, implement :meth:`forward`,
     and declare :attr:`capabilities` and :attr:`output_kind`.
 
-    Example:
+    Examples:
         >>> class Scale(ExpertBank):
         ...     capabilities = frozenset({Capability.SOFT})
         ...     output_kind = BankOutput.SCALED
@@ -201,7 +201,7 @@ class FFNWeights:
     Raises:
         ValueError: shapes that do not form an FFN (the message names them); TypeError: a non-tensor.
 
-    Example:
+    Examples:
         >>> ffn = FFNWeights(up.weight, down.weight, b1=up.bias, b2=down.bias, activation="gelu")
         >>> DenseExperts.from_ffn(ffn, num_experts=8)
     """

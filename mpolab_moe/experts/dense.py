@@ -32,7 +32,7 @@ class DenseExperts(FFNBank):
         bias: biases ``b1 [E, F]`` and ``b2 [E, d_out]`` (T5 and LLaMA have none).
         d_out: output width (default ``d_model``).
 
-    Example:
+    Examples:
         >>> bank = DenseExperts(768, 3072, num_experts=8, activation="gelu")
         >>> MoE(TopKGate(768, 8, k=1), bank)                              # a Switch layer
     """
@@ -81,7 +81,7 @@ class DenseExperts(FFNBank):
     def from_ffn(cls, ffn: FFNWeights, num_experts: int) -> DenseExperts:
         """``num_experts`` copies of one FFN (upcycling).
 
-        Example:
+        Examples:
             >>> bank = DenseExperts.from_ffn(FFNWeights(up.weight, down.weight, b1=up.bias, b2=down.bias), 8)
         """
         if not isinstance(ffn, FFNWeights):

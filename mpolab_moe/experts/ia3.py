@@ -31,7 +31,7 @@ class IA3Experts(ExpertBank):
         features: ``d``, the width of the tensor being scaled.
         num_experts: ``E`` (1 is plain (IA)³).
 
-    Example:
+    Examples:
         >>> bank = IA3Experts(512, num_experts=10)
         >>> x, w = torch.randn(6, 512), torch.softmax(torch.randn(6, 10), -1)
         >>> torch.allclose(bank.forward_soft(x, w), x)    # ones at init

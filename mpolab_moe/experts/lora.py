@@ -45,7 +45,7 @@ class LoRAExperts(ExpertBank):
             (``nn.Linear``'s default, uniform ``±1/√d_in``, as HF peft).
         dropout: dropout probability on the input of ``A`` (training only).
 
-    Example:
+    Examples:
         >>> bank = LoRAExperts(512, 512, num_experts=10, r=4, alpha=16)
         >>> x, w = torch.randn(6, 512), torch.softmax(torch.randn(6, 10), -1)
         >>> bank.forward_soft(x, w).shape          # zero at init: B = 0

@@ -52,7 +52,7 @@ class MPOExperts(FFNBank):
         mpos: ``{"w1": MPO [F, d], "w2": MPO [d_out, F], "w_gate": MPO [F, d]}`` every expert starts
             from (upcycling, see :meth:`from_ffn`); ``None``: random cores (``num_cores``, ``max_rank``).
 
-    Example:
+    Examples:
         >>> bank = MPOExperts.from_ffn(FFNWeights(ffn.wi.weight, ffn.wo.weight), num_experts=8)   # T5 upcycling
         >>> MoE(TopKGate(768, 8, k=1, weighting="one"), bank)
         >>> bank.reconstruction_error      # {'w1': 1e-7, 'w2': 1e-7} at exact ranks
@@ -128,7 +128,7 @@ class MPOExperts(FFNBank):
 
         The achieved relative Frobenius error per matrix is in ``reconstruction_error``.
 
-        Example:
+        Examples:
             >>> MPOExperts.from_ffn(ffn, 8, options=TruncationOptions(max_rank=64))
         """
         if not isinstance(ffn, FFNWeights):
@@ -254,7 +254,7 @@ def mpoe_param_ratio(
     ``(|C| + E·|aux|) / (E·out·in)`` with the factors :func:`mpolab.shapes.plan_factors` picks and the
     exact bond dimensions (capped by ``max_rank``). No decomposition is run.
 
-    Example:
+    Examples:
         >>> [round(mpoe_param_ratio(3072, 768, e), 2) for e in (4, 8, 16)]
         [0.33, 0.2, 0.14]
     """

@@ -67,7 +67,7 @@ class SharedCentralMPO(nn.Module):
         left, right: the auxiliary cores before and after it, each stacked over experts
             ``[E, r_{k-1}, i_k, j_k, r_k]``.
 
-    Example:
+    Examples:
         >>> m = SharedCentralMPO(mpolab.decompose(torch.randn(3072, 768)), num_experts=8)
         >>> m.expert_weights().shape        # [8, 768, 3072], input-major
     """

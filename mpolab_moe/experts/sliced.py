@@ -59,7 +59,7 @@ class SlicedExperts(FFNBank):
 
     Build with :meth:`from_ffn`; :meth:`to_dense_ffn` undoes it.
 
-    Example:
+    Examples:
         >>> groups = torch.randperm(3072).view(16, 192)
         >>> bank = SlicedExperts.from_ffn(FFNWeights(w1, w2, b1=b1, b2=b2, activation="gelu"), groups)
         >>> layer = MoE(SimilarityGate(bank, k=4), bank)
@@ -125,7 +125,7 @@ class SlicedExperts(FFNBank):
                 neurons (from :mod:`mpolab_moe.split`).
             bias_mode, bias_k: see the class docstring.
 
-        Example:
+        Examples:
             >>> ffn = FFNWeights(w1, w2, b1=b1, b2=b2, activation="gelu")
             >>> bank = SlicedExperts.from_ffn(ffn, random_split(3072, 16))
         """

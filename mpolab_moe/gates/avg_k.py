@@ -10,7 +10,7 @@ The gate has no trainable parameter. Its router is a buffer re-derived from the 
 :meth:`AvgKGate.refresh` by hand, or once after every optimizer step with
 ``AvgKGate.attach(optimizer, model)``.
 
-Example:
+Examples:
     >>> bank = SlicedExperts.from_ffn(FFNWeights(w1, w2, b1=b1, b2=b2, activation="gelu"), balanced_kmeans(w1, 16))
     >>> layer = MoE(AvgKGate(768, 16, k=4), bank, capacity_factor=1.5)     # bind() reads bank.keys()
     >>> handle = AvgKGate.attach(optimizer, model)                          # refresh after every step
@@ -64,7 +64,7 @@ class AvgKGate(BankBoundGate):
     Attributes:
         router: ``[E, d]`` fp32 buffer, the mean key rows from the last :meth:`refresh`.
 
-    Example:
+    Examples:
         >>> bank = SlicedExperts.from_ffn(FFNWeights(w1, w2), random_split(64, 4))   # w1 [64, 16]
         >>> layer = MoE(AvgKGate(16, 4, k=4), bank)                            # k = E, one score
         >>> torch.allclose(layer(x), F.relu(x @ w1.T) @ w2.T)                  # the dense FFN
@@ -166,7 +166,7 @@ class AvgKGate(BankBoundGate):
 
         Returns the hook's handle (``handle.remove()`` detaches it).
 
-        Example:
+        Examples:
             >>> handle = AvgKGate.attach(optimizer, model)
         """
         if not isinstance(optimizer, torch.optim.Optimizer):

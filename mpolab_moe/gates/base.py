@@ -41,7 +41,7 @@ __all__ = [
 class Gate(nn.Module, ABC):
     """Base class of gates. Subclasses set ``num_experts`` and ``d_model`` and implement :meth:`forward`.
 
-    Example:
+    Examples:
         >>> class First(Gate):
         ...     def __init__(self, d, E):
         ...         super().__init__(); self.d_model, self.num_experts = d, E

@@ -16,7 +16,7 @@ as in MoEfication; for GELU the negative lobe, never below -0.17, is ignored), a
 (SwiGLU, gated GELU) the magnitude ``|act(x Wg) * (x W1)|`` of the intermediate activation, since
 the up branch can flip the sign of what the gate lets through.
 
-Example:
+Examples:
     >>> bank = SlicedExperts.from_ffn(FFNWeights(w1, w2, b1=b1, b2=b2, activation="gelu"), balanced_kmeans(w1, 16))
     >>> gate = MLPGate.from_bank(bank, k=4)
     >>> train_mlp_gate(gate, bank, recorded_inputs)
@@ -101,7 +101,7 @@ class GroundTruthGate(BankBoundGate):
 
     Requires ``Capability.NEURON_GROUPS`` of the layer's bank.
 
-    Example:
+    Examples:
         >>> layer = MoE(GroundTruthGate(bank, k=4), bank)
     """
 
@@ -148,7 +148,7 @@ class SimilarityGate(BankBoundGate):
     the centers follow that bank (:meth:`bind`); with another bank (dense, MPO) the centers of the
     bank given here stay.
 
-    Example:
+    Examples:
         >>> layer = MoE(SimilarityGate(bank, k=4), bank)
     """
 
@@ -193,7 +193,7 @@ class MLPGate(Gate):
         d_model: token width ``d``; num_experts: ``E``; k: experts per token.
         centers: ``[E, d]`` initial first-layer rows (:func:`expert_centers`), else ``nn.Linear``'s init.
 
-    Example:
+    Examples:
         >>> gate = MLPGate.from_bank(bank, k=4)
         >>> train_mlp_gate(gate, bank, recorded_inputs)
     """
@@ -285,7 +285,7 @@ def train_mlp_gate(
     The steps are tiny (``[512, d] x [d, E]``): on a CPU shared with other jobs,
     ``torch.set_num_threads(1)`` made it 10-50x faster than two threads waiting on each other.
 
-    Example:
+    Examples:
         >>> result = train_mlp_gate(gate, bank, torch.cat(recorded))
         >>> result.val_mass[result.best_epoch]
         0.74
@@ -358,7 +358,7 @@ def activation_mass_captured(
     Returns:
         ``sum over tokens of selected mass / total mass`` in ``[0, 1]`` (1.0 when all experts are selected).
 
-    Example:
+    Examples:
         >>> activation_mass_captured(bank, x, SimilarityGate(bank, k=4))
         0.58
     """

@@ -20,7 +20,7 @@ class SingleExpertGate(Gate):
     the bank's ``forward_soft`` runs once on all tokens, and the layer keeps its statistics.
     No parameters, no aux loss.
 
-    Example:
+    Examples:
         >>> layer = MoE(SingleExpertGate(512), LoRAExperts(512, 512, num_experts=1, r=8))
         >>> layer(torch.randn(2, 7, 512)).shape
         torch.Size([2, 7, 512])

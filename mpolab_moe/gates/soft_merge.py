@@ -28,7 +28,7 @@ class SoftMergeGate(Gate):
         num_experts: ``E``.
         top_k: ``None`` (all experts) or ``1 <= top_k <= E``.
 
-    Example:
+    Examples:
         >>> gate = SoftMergeGate(512, num_experts=10)
         >>> routing = gate(torch.randn(6, 512))
         >>> routing.soft_weight.shape, bool(torch.allclose(routing.soft_weight.sum(-1), torch.ones(6)))

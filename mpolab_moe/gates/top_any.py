@@ -18,7 +18,7 @@ got no token and, if some token found no expert, activates one free slot with
 training forwards: record ``record_steps`` forwards, update, stay idle ``idle_steps`` forwards,
 repeat (300 / 300 as in the paper).
 
-Example:
+Examples:
     >>> gate = TopAnyGate(768, num_experts=16, num_active=8)        # 16 slots, 8 experts live
     >>> layer = MoE(gate, DenseExperts(768, 3072, num_experts=16))   # the bank has one expert per slot
     >>> y = layer(torch.randn(4, 128, 768))
@@ -94,7 +94,7 @@ class TopAnyGate(Gate):
         threshold_logits: ``G [M]`` (fp32, trainable); the threshold is ``sigmoid(G)``.
         active: ``[M]`` bool buffer, the mask ``m``.
 
-    Example:
+    Examples:
         >>> gate = TopAnyGate(64, num_experts=8, num_active=2, record_steps=100, idle_steps=100)
         >>> r = gate.train()(torch.randn(32, 64))
         >>> r.expert_index.shape[0], int(r.experts_per_token.max()) <= 2

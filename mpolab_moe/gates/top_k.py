@@ -40,7 +40,7 @@ class TopKGate(Gate):
     The aux losses are returned already weighted; ``mpolab_moe.aux_loss(model)`` sums them over
     the model's MoE layers.
 
-    Example:
+    Examples:
         >>> gate = TopKGate(768, num_experts=8, k=2)                       # GShard top-2
         >>> routing = gate(torch.randn(10, 768))
         >>> routing.expert_index.shape, routing.aux_losses.keys()

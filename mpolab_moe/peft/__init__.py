@@ -1,6 +1,6 @@
 """A PEFT-style front door for the LoRA, (IA)³, MoLoRA and MoV expert banks.
 
-Example:
+Examples:
     >>> from mpolab_moe import peft as mpeft
     >>> cfg = mpeft.MoLoRAConfig(r=4, alpha=16, num_experts=10, target_modules=["q", "k", "v", "o", "wi", "wo"])
     >>> model = mpeft.get_model(model, cfg)          # base frozen, experts + routers trainable

@@ -6,7 +6,7 @@ the forms of :func:`mpolab.find_targets`: exact names, dotted name suffixes (``"
 ``"all-linear"``. Left as ``None`` it defaults to the method's placement for the model's
 architecture (``model.config.model_type``), see :data:`DEFAULT_TARGETS`.
 
-Example:
+Examples:
     >>> cfg = MoLoRAConfig(r=4, alpha=16, num_experts=10, target_modules=["q", "k", "v", "o", "wi", "wo"])
     >>> cfg.method
     'molora'
@@ -110,7 +110,7 @@ class LoRAConfig(AdapterConfig):
         use_rslora: scale ``α/√r`` instead of ``α/r``.
         init: ``"kaiming"`` or ``"gaussian"`` (``N(0, 0.02²)``) for ``A``; ``B`` starts at 0.
 
-    Example:
+    Examples:
         >>> LoRAConfig(r=16, alpha=32, target_modules=["q_proj", "v_proj"])
     """
 
@@ -144,7 +144,7 @@ class MoLoRAConfig(LoRAConfig):
         top_k: ``None`` (soft merging over all experts) or keep the ``k`` largest router weights
             (no renormalisation).
 
-    Example:
+    Examples:
         >>> MoLoRAConfig(r=4, alpha=16, num_experts=10, target_modules=["q", "k", "v", "o", "wi", "wo"])
     """
 
@@ -166,7 +166,7 @@ class IA3Config(AdapterConfig):
             FFN down projection, whose input is the intermediate activation), as HF peft;
             ``None``: the architecture's default. Must be among the targets.
 
-    Example:
+    Examples:
         >>> IA3Config(target_modules=["k", "v", "wo"], feedforward_modules=["wo"])     # T5
     """
 
@@ -193,7 +193,7 @@ class MoVConfig(IA3Config):
         top_k: ``None`` or keep the ``k`` largest router weights (no renormalisation; the kept
             weights then sum to less than one, so the model is no longer unchanged at step 0).
 
-    Example:
+    Examples:
         >>> MoVConfig(num_experts=10)
     """
 

@@ -12,7 +12,7 @@ Format 2 stores each adapter's tensors under its ``MoE`` (``<module>.moe.gate.we
 ``<module>.moe.experts.lora_A``, ...); format 1 folders (``<module>.router.weight``,
 ``<module>.experts.lora_A``) still load.
 
-Example:
+Examples:
     >>> save_adapter(model, "adapter/")
     >>> model = load_adapter(make_base_model(), "adapter/")
 """
@@ -79,7 +79,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     Raises:
         ValueError: the model has no adapters, or ``path`` exists and is not a folder.
 
-    Example:
+    Examples:
         >>> save_adapter(model, "adapter/")
         PosixPath('adapter')
     """
@@ -141,7 +141,7 @@ def load_adapter(base: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             adapter names is missing, cannot be wrapped, or has other shapes (the message names
             the module and both shapes); the tensors do not match the adapters.
 
-    Example:
+    Examples:
         >>> model = load_adapter(AutoModel.from_pretrained(name), "adapter/")
     """
     folder = Path(path)

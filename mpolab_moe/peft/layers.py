@@ -179,7 +179,7 @@ class LoRALayer(AdapterLayer):
     Shape:
         ``x [..., d_in] -> [..., d_out]``.
 
-    Example:
+    Examples:
         >>> layer = LoRALayer(nn.Linear(512, 512), r=4, alpha=16, num_experts=10)
         >>> y = layer(torch.randn(2, 7, 512))                 # equals the base output at init
     """
@@ -256,7 +256,7 @@ class IA3Layer(AdapterLayer):
     Shape:
         ``x [..., d_in] -> [..., d_out]``.
 
-    Example:
+    Examples:
         >>> layer = IA3Layer(nn.Linear(512, 512), num_experts=10)      # MoV on a key projection
         >>> y = layer(torch.randn(2, 7, 512))
     """

@@ -1,6 +1,6 @@
 """Put adapters into a model, count what trains, merge them back: ``get_model``, ``merge_and_unload``.
 
-Example:
+Examples:
     >>> from mpolab_moe import peft as mpeft
     >>> model = mpeft.get_model(model, mpeft.MoLoRAConfig(r=4, alpha=16, num_experts=10))
     >>> mpeft.print_trainable_parameters(model)
@@ -222,7 +222,7 @@ def get_model(model: nn.Module, config: AdapterConfig) -> nn.Module:
         ValueError: the targets match nothing or a module that cannot be wrapped, the model
             already has adapters, no default targets exist for the architecture.
 
-    Example:
+    Examples:
         >>> model = get_model(model, MoVConfig(num_experts=10))
     """
     if not isinstance(config, (LoRAConfig, MoLoRAConfig, IA3Config, MoVConfig)):
@@ -299,7 +299,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         ValueError: the model has no adapters; an adapter is a routed mixture (MoLoRA, MoV with
             ``num_experts > 1``: the error names the module); a base layer is an ``MPOLinear``.
 
-    Example:
+    Examples:
         >>> merged = merge_and_unload(get_model(model, LoRAConfig(r=8)))     # plain nn.Linear layers again
     """
     layers = adapter_layers(model)
