@@ -59,12 +59,11 @@ class DenseExperts(FFNBank):
         super().__init__()
         self._set_sizes(d_model, d_ff, num_experts, d_out, activation)
         E = num_experts
-        kw = {"device": device, "dtype": dtype}
-        self.w1 = nn.Parameter(torch.empty(E, d_model, d_ff, **kw))
-        self.w2 = nn.Parameter(torch.empty(E, d_ff, self.out_features, **kw))
-        self.w_gate = nn.Parameter(torch.empty(E, d_model, d_ff, **kw)) if gated else None
-        self.b1 = nn.Parameter(torch.empty(E, d_ff, **kw)) if bias else None
-        self.b2 = nn.Parameter(torch.empty(E, self.out_features, **kw)) if bias else None
+        self.w1 = nn.Parameter(torch.empty(E, d_model, d_ff, device=device, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(E, d_ff, self.out_features, device=device, dtype=dtype))
+        self.w_gate = nn.Parameter(torch.empty(E, d_model, d_ff, device=device, dtype=dtype)) if gated else None
+        self.b1 = nn.Parameter(torch.empty(E, d_ff, device=device, dtype=dtype)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(E, self.out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -81,9 +81,8 @@ class LoRAExperts(ExpertBank):
         self.alpha, self.use_rslora, self.init = float(alpha), bool(use_rslora), init
         self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        kw = {"device": device, "dtype": dtype}
-        self.lora_A = nn.Parameter(torch.empty(num_experts, in_features, r, **kw))
-        self.lora_B = nn.Parameter(torch.empty(num_experts, r, out_features, **kw))
+        self.lora_A = nn.Parameter(torch.empty(num_experts, in_features, r, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, r, out_features, device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

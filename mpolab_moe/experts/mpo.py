@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -98,9 +97,9 @@ class MPOExperts(FFNBank):
         self.w1 = SharedCentralMPO(mpos["w1"], E)
         self.w_gate = SharedCentralMPO(mpos["w_gate"], E) if gated else None
         self.w2 = SharedCentralMPO(mpos["w2"], E)
-        kw: dict[str, Any] = {"device": mpos["w1"].device, "dtype": mpos["w1"].dtype}
-        self.b1 = nn.Parameter(torch.zeros(E, self.d_ff, **kw)) if bias else None
-        self.b2 = nn.Parameter(torch.zeros(E, self.out_features, **kw)) if bias else None
+        ref = mpos["w1"]  # biases live with the cores
+        self.b1 = nn.Parameter(torch.zeros(E, self.d_ff, device=ref.device, dtype=ref.dtype)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(E, self.out_features, device=ref.device, dtype=ref.dtype)) if bias else None
         if random:
             self.reset_parameters()
 
@@ -224,9 +223,9 @@ class MPOExperts(FFNBank):
         with torch.no_grad():
             for name, matrix in m.items():
                 getattr(bank, name).copy_(matrix.rebuild())
-            if self.b1 is not None:
-                bank.b1.copy_(self.b1)  # type: ignore[union-attr]
-                bank.b2.copy_(self.b2)  # type: ignore[union-attr]
+            for dst, src in ((bank.b1, self.b1), (bank.b2, self.b2)):
+                if dst is not None and src is not None:
+                    dst.copy_(src)
         return bank
 
     def extra_repr(self) -> str:

@@ -41,6 +41,11 @@ def check_groups(groups: Tensor, num_neurons: int) -> Tensor:
     return groups
 
 
+def _param(t: Tensor) -> nn.Parameter:
+    """A trainable copy of ``t``, detached from its graph."""
+    return nn.Parameter(t.detach().clone())
+
+
 class SlicedExperts(FFNBank):
     """A dense FFN split into ``E`` experts of ``F/E`` hidden neurons each.
 
@@ -71,6 +76,7 @@ class SlicedExperts(FFNBank):
     w_gate: nn.Parameter | None
     b1: nn.Parameter | None
     b2: nn.Parameter | None
+    groups: Tensor
 
     def __init__(
         self,
@@ -110,8 +116,10 @@ class SlicedExperts(FFNBank):
         self._set_activation(activation)
         self.bias_mode = bias_mode
         self.bias_k = E if bias_k is None else bias_k
-        copy = lambda t: nn.Parameter(t.detach().clone()) if t is not None else None  # noqa: E731
-        self.w1, self.w2, self.w_gate, self.b1, self.b2 = copy(w1), copy(w2), copy(w_gate), copy(b1), copy(b2)
+        self.w1, self.w2 = _param(w1), _param(w2)
+        self.w_gate = _param(w_gate) if w_gate is not None else None
+        self.b1 = _param(b1) if b1 is not None else None
+        self.b2 = _param(b2) if b2 is not None else None
 
     @classmethod
     def from_ffn(
