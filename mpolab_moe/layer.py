@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from .experts.base import Capability, ExpertBank
+from .experts.base import Capability, ExpertBank, SoftBank
 from .gates.base import BankBoundGate, Gate
 from .routing import Routing, RoutingStats
 
@@ -133,7 +134,8 @@ class MoE(nn.Module):
     def _soft(self, tokens: Tensor, routing: Routing) -> Tensor:
         weight = routing.soft_weight
         assert weight is not None
-        out = self.experts.forward_soft(tokens, weight)  # type: ignore[attr-defined]
+        # _soft runs only for banks declaring Capability.SOFT, which guarantees forward_soft (checked at class creation)
+        out = cast(SoftBank, self.experts).forward_soft(tokens, weight)
         used = (weight != 0).sum(0).detach()
         self._record(routing, used, dropped=0, without=int((weight == 0).all(-1).sum()))
         return out

@@ -378,6 +378,7 @@ def build_dynmoe(
         raise ValueError(f"DynMoE uses the top-any gate: gate must be 'top_any' (or not given), got {gate!r}")
     M = check_positive_int(DYNMOE_DEFAULTS["num_experts"] if num_experts is None else num_experts, "num_experts")
     active = max(1, M // 2) if num_active is None else num_active
+    bank: DenseExperts | SlicedExperts
     if experts == "dense":
         bank = DenseExperts.from_ffn(ffn, M)
     elif experts == "sliced":

@@ -106,8 +106,13 @@ class NeuronGroupBank(KeyedBank, Protocol):
     """A dense FFN split into neuron groups (:attr:`Capability.NEURON_GROUPS`)."""
 
     act: Callable[[Tensor], Tensor]
-    b1: Tensor | None
-    gated: bool
+
+    # read-only: banks store ``b1`` as an ``nn.Parameter`` and derive ``gated`` from their weights
+    @property
+    def b1(self) -> Tensor | None: ...
+
+    @property
+    def gated(self) -> bool: ...
 
     def hidden(self, x: Tensor) -> Tensor:
         """``x [T, d]`` -> every expert's intermediate activation ``[T, E, m]``."""

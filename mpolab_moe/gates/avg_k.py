@@ -18,7 +18,7 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mpolab.utils import check_choice, check_non_negative_float, check_positive_int
 
-from ..experts.base import Capability, ExpertBank
+from ..experts.base import Capability, ExpertBank, KeyedBank
 from ..routing import Routing
 from .base import BankBoundGate, check_finite_logits, check_k, load_balancing_loss, top_k_weights
 
@@ -72,6 +72,7 @@ class AvgKGate(BankBoundGate):
     """
 
     fp32_tensors = ("router",)
+    router: Tensor  # buffer (registered in __init__)
 
     def __init__(
         self,
@@ -137,7 +138,7 @@ class AvgKGate(BankBoundGate):
             raise TypeError(f"AvgKGate needs a bank with {names} (SlicedExperts), got {type(experts).__name__}")
         if not experts.has(Capability.KEYS):
             return
-        self._check_keys(experts.keys())  # type: ignore[attr-defined]
+        self._check_keys(cast(KeyedBank, experts).keys())  # Capability.KEYS guarantees keys()
         self.__dict__["_bank"] = experts
         self.bound = True
         self.refresh()
@@ -175,7 +176,11 @@ class AvgKGate(BankBoundGate):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not any(isinstance(m, AvgKGate) for m in model.modules()):
             raise ValueError(f"{type(model).__name__} holds no AvgKGate; nothing to refresh")
-        return optimizer.register_step_post_hook(lambda *_: refresh_avg_k_gates(model))
+
+        def refresh(*_: object) -> None:
+            refresh_avg_k_gates(model)
+
+        return optimizer.register_step_post_hook(refresh)
 
     # -------------------------------------------------------------- forward
     def logits(self, x: Tensor) -> Tensor:

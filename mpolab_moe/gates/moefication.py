@@ -28,6 +28,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from mpolab.utils import check_fraction, check_positive_int
 
-from ..experts.base import Capability, ExpertBank, NeuronGroupBank
+from ..experts.base import Capability, ExpertBank, KeyedBank, NeuronGroupBank
 from ..routing import Routing
 from .base import BankBoundGate, Gate, check_finite_logits, check_k
 
@@ -57,7 +58,7 @@ def _check_bank(bank: object) -> NeuronGroupBank:
             "MoEfication routers need a bank split into neuron groups (Capability.NEURON_GROUPS: "
             f"SlicedExperts), got {type(bank).__name__}"
         )
-    return bank  # type: ignore[return-value]
+    return cast(NeuronGroupBank, bank)
 
 
 def _check_tokens(x: Tensor, d_model: int, where: str) -> None:
@@ -74,7 +75,7 @@ def _top_k_routing(scores: Tensor, k: int, num_experts: int) -> Routing:
 
 def expert_activation_mass(bank: NeuronGroupBank, x: Tensor) -> Tensor:
     """Each expert's activation mass for each token: ``x [T, d]`` -> ``[T, E]`` (``>= 0``, no gradient)."""
-    _check_tokens(x, _check_bank(bank).in_features, "expert_activation_mass")  # type: ignore[attr-defined]
+    _check_tokens(x, _check_bank(bank).in_features, "expert_activation_mass")
     with torch.no_grad():
         return bank.activity(x.to(bank.keys().dtype)).sum(-1)
 
@@ -85,7 +86,7 @@ def expert_centers(bank: ExpertBank) -> Tensor:
         raise TypeError(
             f"expert centers need a bank with keys (Capability.KEYS: SlicedExperts), got {type(bank).__name__}"
         )
-    return F.normalize(bank.keys().detach().float(), dim=-1).mean(1)  # type: ignore[attr-defined]
+    return F.normalize(cast(KeyedBank, bank).keys().detach().float(), dim=-1).mean(1)
 
 
 class GroundTruthGate(BankBoundGate):
@@ -131,7 +132,7 @@ class GroundTruthGate(BankBoundGate):
         """``x [T, d]`` -> top-k :class:`Routing` with weight 1."""
         _check_tokens(x, self.d_model, type(self).__name__)
         with torch.no_grad():
-            scores = expert_activation_mass(self.bank, x).float()
+            scores = expert_activation_mass(_check_bank(self.bank), x).float()
         check_finite_logits(scores, type(self).__name__)
         return _top_k_routing(scores, self.k, self.num_experts)
 
@@ -372,7 +373,7 @@ def activation_mass_captured(
         elif isinstance(routing_or_gate, Tensor) and routing_or_gate.is_floating_point():
             if k is None:
                 raise ValueError("k is required when routing_or_gate is a score tensor [N, E]")
-            index = routing_or_gate.topk(check_k(k, bank.num_experts), dim=-1).indices  # type: ignore[attr-defined]
+            index = routing_or_gate.topk(check_k(k, bank.num_experts), dim=-1).indices
         elif isinstance(routing_or_gate, Tensor):
             index = routing_or_gate.long()
         else:

@@ -104,6 +104,10 @@ class TopAnyGate(Gate):
     """
 
     fp32_tensors = ("weight", "threshold_logits", "unrouted_sum")
+    # buffers (registered in __init__)
+    active: Tensor
+    routed_counts: Tensor
+    unrouted_sum: Tensor
 
     def __init__(
         self,
