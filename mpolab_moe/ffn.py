@@ -136,9 +136,9 @@ class FFN(FFNWeights):
             )
         if self.family == "bert":
             self.module.intermediate = nn.Identity()
-            self.module.output.dense = moe
+            self.module.get_submodule("output").dense = moe
         elif self.family == "gpt2":
-            set_submodule(model, self.name, MoEWithDropout(moe, self.module.dropout))
+            set_submodule(model, self.name, MoEWithDropout(moe, self.module.get_submodule("dropout")))
         else:
             set_submodule(model, self.name, moe)
 

@@ -135,7 +135,7 @@ class GradientMask:
                 continue
             for p in bank.expert_parameters():
                 idx = idle.to(p.device)
-                tensors = [p]
+                tensors: list[Tensor] = [p]
                 if optimizer is not None:
                     state = optimizer.state.get(p, {})
                     tensors += [s for s in state.values() if isinstance(s, Tensor) and s.shape == p.shape]

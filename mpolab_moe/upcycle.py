@@ -192,7 +192,8 @@ def upcycle(
 
 def expert_kind(bank: nn.Module) -> str:
     """``"mpo"`` / ``"dense"`` for the upcycled banks, else the bank's class name (for reports)."""
-    return {MPOExperts: "mpo", DenseExperts: "dense"}.get(type(bank), type(bank).__name__)  # type: ignore[call-overload]
+    kinds: dict[type[nn.Module], str] = {MPOExperts: "mpo", DenseExperts: "dense"}
+    return kinds.get(type(bank), type(bank).__name__)
 
 
 def _resolve_k(gate: str, k: int | None, num_experts: int) -> int:
@@ -213,7 +214,10 @@ def _resolve_k(gate: str, k: int | None, num_experts: int) -> int:
 def _upcycle_builder(
     ffn: FFN, num_experts: int = 8, experts: ExpertKind = "mpo", gate: GateKind = "top1", **kwargs: Any
 ) -> MoE:
-    return upcycle(ffn, num_experts, experts=experts, gate=gate, **kwargs)
+    layer = upcycle(ffn, num_experts, experts=experts, gate=gate, **kwargs)
+    if isinstance(layer, tuple):  # return_report=True among moefy's options
+        raise ValueError("moefy installs layers, not reports: drop return_report (call upcycle() for a report)")
+    return layer
 
 
 register_method("upcycle", _upcycle_builder)

@@ -153,7 +153,7 @@ class MoLoRAConfig(LoRAConfig):
     r: int = 4
     alpha: float = 16.0
     init: LoRAInit = "gaussian"
-    num_experts: int = 10  # type: ignore[assignment]
+    num_experts: int = 10
     top_k: int | None = None
 
 
@@ -199,7 +199,7 @@ class MoVConfig(IA3Config):
 
     method: ClassVar[str] = "mov"
 
-    num_experts: int = 10  # type: ignore[assignment]
+    num_experts: int = 10
     top_k: int | None = None
 
 
@@ -212,7 +212,7 @@ def config_from_dict(record: dict[str, Any]) -> AdapterConfig:
     """Rebuild a config from :meth:`AdapterConfig.to_dict` output (as read from JSON)."""
     record = dict(record)
     method = record.pop("method", None)
-    cls = ADAPTER_CONFIGS.get(method)  # type: ignore[arg-type]
+    cls = ADAPTER_CONFIGS.get(method)
     if cls is None:
         raise ValueError(f"unknown adapter method {method!r}; valid: {sorted(ADAPTER_CONFIGS)}")
     known = {f.name for f in fields(cls)}

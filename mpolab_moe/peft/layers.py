@@ -50,8 +50,17 @@ def base_features(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, (nn.Linear, MPOLinear)):
         return int(module.in_features), int(module.out_features)
     if is_conv1d(module):
-        return int(module.weight.shape[0]), int(module.weight.shape[1])  # Conv1D weight: [in, out]
+        weight = _tensor_attr(module, "weight")  # Conv1D weight: [in, out]
+        return int(weight.shape[0]), int(weight.shape[1])
     raise TypeError(f"cannot wrap {type(module).__name__}; adapters wrap {WRAPPABLE}")
+
+
+def _tensor_attr(module: nn.Module, name: str) -> Tensor:
+    """``module.<name>`` as a tensor (``nn.Module.__getattr__`` is typed ``Tensor | Module``)."""
+    value = getattr(module, name)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} must be a tensor, got {type(value).__name__}")
+    return value
 
 
 def _factory(module: nn.Module) -> dict[str, Any]:
@@ -116,7 +125,7 @@ class AdapterLayer(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        return self.base_layer.weight
+        return _tensor_attr(self.base_layer, "weight")
 
     @property
     def bias(self) -> Tensor | None:
@@ -230,10 +239,11 @@ class LoRALayer(AdapterLayer):
         base = self.base_layer
         assert isinstance(self.experts, LoRAExperts)
         delta = self.experts.delta_weight()  # [out, in]
+        weight = _tensor_attr(base, "weight")  # updated in place
         if is_conv1d(base):
-            base.weight += delta.T.to(base.weight.dtype)
+            weight += delta.T.to(weight.dtype)
         else:
-            base.weight += delta.to(base.weight.dtype)
+            weight += delta.to(weight.dtype)
         return base
 
 
@@ -303,18 +313,20 @@ class IA3Layer(AdapterLayer):
         self.check_mergeable()
         base = self.base_layer
         assert isinstance(self.experts, IA3Experts)
-        scale = self.experts.vectors[0].to(base.weight.dtype)
+        weight = _tensor_attr(base, "weight")  # updated in place, as the bias
+        scale = self.experts.vectors[0].to(weight.dtype)
         conv = is_conv1d(base)  # Conv1D weight [in, out], nn.Linear weight [out, in]
         if self.feedforward:
-            base.weight *= scale[:, None] if conv else scale[None, :]
+            weight *= scale[:, None] if conv else scale[None, :]
             return base
         a, b = self.out_slice if self.out_slice is not None else (0, self.out_features)
         if conv:
-            base.weight[:, a:b] *= scale[None, :]
+            weight[:, a:b] *= scale[None, :]
         else:
-            base.weight[a:b] *= scale[:, None]
-        if getattr(base, "bias", None) is not None:
-            base.bias[a:b] *= scale
+            weight[a:b] *= scale[:, None]
+        bias = getattr(base, "bias", None)
+        if bias is not None:
+            bias[a:b] *= scale
         return base
 
     def extra_repr(self) -> str:

@@ -124,7 +124,7 @@ def _build(config: AdapterConfig, module: nn.Module, spec: Mapping[str, Any]) ->
         num_experts=config.num_experts,
         top_k=getattr(config, "top_k", None),
         feedforward=bool(spec.get("feedforward", False)),
-        out_slice=tuple(spec["out_slice"]) if spec.get("out_slice") is not None else None,  # type: ignore[arg-type]
+        out_slice=tuple(spec["out_slice"]) if spec.get("out_slice") is not None else None,
     )
 
 
