@@ -32,7 +32,10 @@ def structured(seed: int = 0, gated: bool = False) -> tuple[SlicedExperts, torch
     wg = w1 if gated else None
     keys = wg if gated else w1
     up = torch.randn(FF, D, generator=g) if gated else w1
-    bank = SlicedExperts.from_ffn(FFNWeights(up, w2, b1=torch.full((FF,), -0.5), b2=torch.randn(D), w_gate=wg, activation="silu" if gated else "relu"), balanced_kmeans(keys, E))  # fmt: skip
+    ffn = FFNWeights(
+        up, w2, b1=torch.full((FF,), -0.5), b2=torch.randn(D), w_gate=wg, activation="silu" if gated else "relu"
+    )
+    bank = SlicedExperts.from_ffn(ffn, balanced_kmeans(keys, E))
 
     def tokens(n: int) -> torch.Tensor:
         mix = torch.rand(n, E, generator=g) ** 4  # a few directions dominate each token
