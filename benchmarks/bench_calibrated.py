@@ -286,7 +286,7 @@ def run_smollm2(args: argparse.Namespace) -> dict[str, Any]:
             record("cal-mpo-sens", ratio, mpos_s, stats_s + time.perf_counter() - t0, {"dense_layers": dense})
             if args.heal_seconds > 0:
                 rows.append(heal_smollm2(model, tokenizer, swap, mpos_s, ratio, dense_ppl, args, "cal-mpo-sens+heal"))
-        if args.heal_seconds > 0 and "cal-mpo" in args.methods:
+        if args.heal_seconds > 0 and "cal-mpo" in args.methods and "cal-mpo-sens" not in args.methods:
             rows.append(heal_smollm2(model, tokenizer, swap, mpos, ratio, dense_ppl, args))
         if "cal-mpo-blockwise" in args.methods:
             t0 = time.perf_counter()
@@ -367,7 +367,7 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
         params = swap.install(mpos)
         fid = fidelity(model, teacher, tokenizer, held_out)
         healed = None
-        if args.heal:
+        if args.heal and method in ("plain-mpo", "cal-mpo-sens"):
             report = mpolab.heal(model, teacher, tokenizer, train, eval_texts=held_out, progress=False)
             healed = report.fidelity_after
         swap.restore()
@@ -395,6 +395,11 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     mpos, _ = calibrated(weights, stats, allocation, args.damp, search=True)
     record("cal-mpo", mpos, stats_s + time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    sens = output_sensitivity(model, targets, calib, max_batches=4)
+    allocation = global_budget(weights, stats, budget, args.damp, sens)
+    mpos, _ = calibrated(weights, stats, allocation, args.damp, search=True)
+    record("cal-mpo-sens", mpos, stats_s + time.perf_counter() - t0)
     return {"model": "all-MiniLM-L6-v2", "ratio": ratio, "dense_params": dense_total, "rows": rows}
 
 

@@ -408,19 +408,36 @@ def _maybe_progress(items: Iterable[Any], enabled: bool, desc: str) -> Iterable[
 # ----------------------------------------------------------------------------- sensitivity
 
 
-def _language_model_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The model's own next-token loss on ``batch`` (``labels = input_ids``, padding ignored)."""
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise TypeError("output_sensitivity needs dict batches with input_ids (for labels) or a loss_fn")
-    batch = dict(_to_device(batch, _device_of(model)))  # type: ignore[arg-type]
-    labels = batch["input_ids"].clone()
-    if "attention_mask" in batch:
-        labels[batch["attention_mask"] == 0] = -100
-    out = model(**batch, labels=labels)
-    loss = getattr(out, "loss", None)
-    if loss is None:
-        raise TypeError(f"{type(model).__name__} returned no loss for labels=input_ids; pass loss_fn=")
-    return loss
+def _default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Language models: their own next-token loss (``labels = input_ids``, padding ignored).
+
+    Other models (encoders): ``Σ r · h`` over the last hidden state ``h`` with a fresh Gaussian
+    ``r`` (padding masked), whose squared gradient is a Hutchinson estimate of the squared
+    Jacobian norm of the output with respect to each layer's output.
+    """
+    device = _device_of(model)
+    config = getattr(model, "config", None)
+    is_lm = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(config, "architectures", None) or []))
+    is_lm = is_lm or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    if is_lm and isinstance(batch, Mapping) and "input_ids" in batch:
+        inputs = dict(_to_device(batch, device))  # type: ignore[arg-type]
+        labels = inputs["input_ids"].clone()
+        if "attention_mask" in inputs:
+            labels[inputs["attention_mask"] == 0] = -100
+        loss = getattr(model(**inputs, labels=labels), "loss", None)
+        if loss is not None:
+            return loss
+    out = run_model(model, batch)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"{type(model).__name__} returned {type(out).__name__}; pass loss_fn= to output_sensitivity")
+    probe = torch.randn_like(hidden)
+    mask = _mask_of(batch)
+    if mask is not None and hidden.ndim >= 3 and tuple(hidden.shape[:2]) == tuple(mask.shape):
+        probe = probe * mask.to(probe.device, probe.dtype).unsqueeze(-1)
+    return (hidden * probe).sum()
 
 
 def output_sensitivity(
@@ -436,15 +453,16 @@ def output_sensitivity(
     An error ``Δy`` on a layer's outputs raises the loss by about ``s · ‖Δy‖²`` (a Fisher,
     isotropic-per-layer estimate), so ``s`` turns a layer's output error into its effect on the
     model's loss. One forward and backward pass per batch (``loss_fn(model, batch)``, default the
-    model's own next-token loss with ``labels = input_ids``); nothing is trained (gradients of
-    the parameters are not kept).
+    model's own next-token loss with ``labels = input_ids``, for other models a random
+    projection of the last hidden state, see :func:`_default_loss`); nothing is trained
+    (gradients of the parameters are not kept).
 
     Returns:
         ``{name: s}`` (float, > 0 for layers that affect the loss).
     """
     sums = dict.fromkeys(targets, 0.0)
     counts = dict.fromkeys(targets, 0)
-    loss_fn = loss_fn or _language_model_loss
+    loss_fn = loss_fn or _default_loss
 
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, grad_input: Any, grad_output: tuple[torch.Tensor, ...]) -> None:

@@ -203,9 +203,9 @@ def plan_calibrated(
         allow_dense: let a layer stay dense when that is cheaper than its MPO.
         sensitivity: weight each layer's output error in the budget allocation by its measured
             effect on the model's loss (:func:`mpolab.calibrate.output_sensitivity`: one
-            backward pass over two calibration batches; needs dict batches with ``input_ids``
-            and a model that returns a loss for ``labels=``). Without it, relative output
-            errors count equally.
+            backward pass over two calibration batches: the next-token loss of a language
+            model, a random projection of an encoder's last hidden state). Without it,
+            relative output errors count equally.
 
     Raises:
         ValueError: what :mod:`mpolab.calibrate` raises (empty data, NaN activations naming the
