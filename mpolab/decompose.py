@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .mpo import MPO
 from .options import TruncationOptions
 from .shapes import plan_factors
-from .sweep import backend_for, sweep, work_dtype
+from .sweep import backend_for, scale_pow2, sweep, work_dtype
 from .truncation import SVDBackend, bond_caps, squared_norm
 
 __all__ = ["decompose"]
@@ -112,8 +112,11 @@ def decompose(
     compute_base = work_dtype(W.dtype)
     backend, compute_dtype = backend_for(opts.svd, compute_base, rel_tol, plan.num_cores)
     with torch.no_grad():
-        A = W.detach().to(compute_dtype)
-        norm_sq = _norm_sq(A)
+        # Work on 2^-e·W with max|entry| in [0.5, 1): powers of two scale exactly, so the ranks
+        # and the relative error do not depend on W's magnitude (no Gram under- or overflow).
+        exponent = _scale_exponent(W)
+        A = scale_pow2(W.detach().to(compute_dtype), -exponent)
+        norm_sq = squared_norm(A)
         rows, cols = plan.padded_shape
         if plan.is_padded:
             A = F.pad(A, (0, cols - in_features, 0, rows - out_features))
@@ -132,24 +135,56 @@ def decompose(
             compute_dtype=compute_dtype,
             center=MPO.central_index_for(n),
         )
-    mpo = MPO([c.to(W.dtype) for c in cores], out_features, in_features, spectra)
-    if plan.is_padded:
-        # The sweep's error counts the padded zeros too; measure the true block instead.
-        with torch.no_grad():
-            discarded = squared_norm(mpo.to(compute_dtype).to_matrix() - W.to(compute_dtype))
+        del A, T, first
+        center = MPO.central_index_for(n)
+        out_cores = [c.to(W.dtype) for c in cores]
+        out_cores[center] = _scale_back(cores[center], exponent, W.dtype)
+        spectra = [math.ldexp(1.0, exponent) * s for s in spectra]
+        mpo = MPO(out_cores, out_features, in_features, spectra)
+        if plan.is_padded or _lost_precision(cores[center], exponent, W.dtype):
+            # The sweep's error counts the padded zeros, or the cores were rounded into W.dtype's
+            # subnormal range: measure the true error instead (at unit scale).
+            discarded = _measured_error_sq(mpo, W, exponent, compute_dtype)
     mpo.truncation_error = math.sqrt(discarded / norm_sq) if norm_sq > 0 else 0.0
     return mpo
 
 
-def _norm_sq(A: torch.Tensor) -> float:
-    """``‖A‖²`` in float64 precision, refusing NaN/Inf (checked for free through the norm)."""
-    norm_sq = squared_norm(A)
-    if not math.isfinite(norm_sq):
-        bad = int((~torch.isfinite(A)).sum())
-        if bad:
-            raise ValueError(f"W holds {bad} NaN/Inf entries; an MPO of a non-finite matrix is meaningless")
-        norm_sq = squared_norm(A.double())  # overflowed in float32
-    return norm_sq
+def _scale_exponent(W: torch.Tensor) -> int:
+    """``e`` with ``max|W| · 2^-e`` in [0.5, 1) (0 for a zero matrix); refuses NaN/Inf."""
+    amax = float(W.detach().abs().max())
+    if not math.isfinite(amax):
+        bad = int((~torch.isfinite(W)).sum())
+        raise ValueError(f"W holds {bad} NaN/Inf entries; an MPO of a non-finite matrix is meaningless")
+    return math.frexp(amax)[1] if amax > 0 else 0
+
+
+def _scale_back(core: torch.Tensor, exponent: int, dtype: torch.dtype) -> torch.Tensor:
+    """The central core at W's scale, in W's dtype; ``ValueError`` if that overflows the dtype."""
+    out = scale_pow2(core, exponent).to(dtype)
+    if not bool(torch.isfinite(out).all()):
+        largest = math.ldexp(float(core.abs().max()), exponent)
+        raise ValueError(
+            f"the MPO's central tensor (it carries W's norm, entries up to {largest:.3g}) "
+            f"overflows {dtype} (largest finite {torch.finfo(dtype).max:.3g}); decompose W.float() or scale W down"
+        )
+    return out
+
+
+def _lost_precision(core: torch.Tensor, exponent: int, dtype: torch.dtype) -> bool:
+    """Whether some nonzero entry of the central core lands below ``dtype``'s smallest normal number."""
+    nonzero = core.abs()[core != 0]
+    if nonzero.numel() == 0:
+        return False
+    return math.ldexp(float(nonzero.min()), exponent) < torch.finfo(dtype).tiny
+
+
+def _measured_error_sq(mpo: MPO, W: torch.Tensor, exponent: int, dtype: torch.dtype) -> float:
+    """``‖Ŵ - W‖²`` measured at the unit scale ``2^-exponent`` in ``dtype``."""
+    cores = [c.to(dtype) for c in mpo.cores]
+    center = mpo.central_index
+    cores[center] = scale_pow2(cores[center], -exponent)
+    rebuilt = MPO(cores, mpo.out_features, mpo.in_features).to_matrix()
+    return squared_norm(rebuilt - scale_pow2(W.detach().to(dtype), -exponent))
 
 
 def _check_matrix(W: object) -> None:

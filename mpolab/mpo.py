@@ -22,7 +22,7 @@ import torch
 
 from . import contract
 from .options import TruncationOptions
-from .sweep import backend_for, left_orthonormalize, right_orthonormalize, sweep, work_dtype
+from .sweep import backend_for, left_orthonormalize, right_orthonormalize, scale_pow2, sweep, work_dtype
 from .truncation import SVDBackend, bond_caps
 
 __all__ = ["MPO"]
@@ -212,6 +212,10 @@ class MPO:
         with torch.no_grad():
             compute_base = work_dtype(self.dtype)
             cores = self.to(compute_base).canonicalize(0).cores
+            # Sweep at unit scale (powers of two are exact): no Gram under- or overflow.
+            amax = float(cores[0].abs().max())
+            exponent = math.frexp(amax)[1] if math.isfinite(amax) and amax > 0 else 0
+            cores[0] = scale_pow2(cores[0], -exponent)
             norm_sq = float(cores[0].double().square().sum())
             backend, compute_dtype = backend_for(svd, compute_base, rel_tol, self.num_cores)
             budget = None if rel_tol is None else rel_tol**2 * norm_sq
@@ -225,6 +229,9 @@ class MPO:
                 center=self.central_index,
             )
         error = math.sqrt(discarded / norm_sq) if norm_sq > 0 else 0.0
+        center = self.central_index
+        new_cores[center] = scale_pow2(new_cores[center], exponent)
+        spectra = [math.ldexp(1.0, exponent) * s for s in spectra]
         return MPO([c.to(self.dtype) for c in new_cores], self.out_features, self.in_features, spectra, error)
 
     # ------------------------------------------------------------------ conversion

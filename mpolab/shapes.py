@@ -197,6 +197,11 @@ def plan_factors(
     if in_factors is None and _single_entry_cores(outs, ins) and not _single_entry_cores(outs, ins[::-1]):
         ins = ins[::-1]  # sizes with few prime factors: put the 1s where the other side has factors
     bad = _single_entry_cores(outs, ins)
+    if bad and _max_cores(out_features, in_features) < 2:
+        raise ValueError(
+            f"a [{out_features}, {in_features}] matrix cannot be an MPO: its sizes have fewer than two "
+            "prime factors in total, so every split has a core of a single entry; keep this layer dense"
+        )
     if bad:
         raise ValueError(
             f"num_cores={num_cores} is too many for a [{out_features}, {in_features}] matrix: "

@@ -23,6 +23,7 @@ __all__ = [
     "backend_for",
     "left_orthonormalize",
     "right_orthonormalize",
+    "scale_pow2",
     "sign_fix",
     "sweep",
     "work_dtype",
@@ -42,6 +43,14 @@ def backend_for(svd: str, dtype: torch.dtype, rel_tol: float | None, num_cores: 
     if svd in ("gram", "svd", "randomized"):
         return svd, dtype
     raise ValueError(f"svd must be one of {', '.join(map(repr, SVD_BACKENDS))}, got {svd!r}")
+
+
+def scale_pow2(A: torch.Tensor, k: int) -> torch.Tensor:
+    """``A · 2^k``, exact while no entry leaves the normal range (in two steps: ``2^k`` alone may overflow)."""
+    if k == 0:
+        return A
+    half = k // 2
+    return A * math.ldexp(1.0, half) * math.ldexp(1.0, k - half)
 
 
 def sign_fix(Q: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
