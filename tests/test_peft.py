@@ -115,10 +115,13 @@ def test_merging_a_routed_mixture_names_the_module_and_changes_nothing(bases, me
     torch.testing.assert_close(_out(model, "t5"), before, rtol=0, atol=0)
 
 
-def test_gpt2_fused_c_attn_ia3_scales_only_keys_and_values(bases):
-    model = mpeft.get_model(copy.deepcopy(bases["gpt2"]), mpeft.IA3Config())
+def test_gpt2_fused_c_attn_mov_scales_only_keys_and_values(bases):
+    # plain IA3 scales every column of c_attn, as peft does; MoV only the keys and values (the paper)
+    ia3 = mpeft.get_model(copy.deepcopy(bases["gpt2"]), mpeft.IA3Config())
+    assert ia3.get_submodule("transformer.h.0.attn.c_attn").out_slice is None
+    model = mpeft.get_model(copy.deepcopy(bases["gpt2"]), mpeft.MoVConfig(num_experts=2))
     layer = model.get_submodule("transformer.h.0.attn.c_attn")
-    assert layer.out_slice == (32, 96) and layer.experts.vectors.shape == (1, 64)
+    assert layer.out_slice == (32, 96) and layer.experts.vectors.shape == (2, 64)
     assert model.get_submodule("transformer.h.0.mlp.c_proj").feedforward
     _perturb(model)
     x = torch.randn(3, 32)
@@ -167,7 +170,7 @@ def test_save_load_round_trip_writes_only_adapter_tensors(bases, tmp_path):
     ids = inputs_for("bert")["input_ids"]
     with torch.no_grad():
         expected = model(ids)
-    mpeft.save_adapter(model, tmp_path / "adapter")
+    mpeft.save_adapter(model, tmp_path / "adapter", format="mpolab")  # peft's format: tests/test_peft_interop.py
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
     tensors = safetensors.torch.load_file(tmp_path / "adapter" / "adapter_model.safetensors")
@@ -309,7 +312,7 @@ def test_format_1_adapters_still_load(bases, tmp_path):
     """Format 1 kept ``<module>.router.*`` / ``<module>.experts.*``; now they live under ``<module>.moe``."""
     model = mpeft.get_model(copy.deepcopy(bases["gpt2"]), METHODS["molora"]())
     _perturb(model)
-    mpeft.save_adapter(model, tmp_path)
+    mpeft.save_adapter(model, tmp_path, format="mpolab")
     tensors = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
     assert any(".moe.gate.weight" in k for k in tensors) and any(".moe.experts.lora_A" in k for k in tensors)
     old = {k.replace(".moe.gate.", ".router.").replace(".moe.experts.", ".experts."): v for k, v in tensors.items()}

@@ -46,6 +46,23 @@ def _check_patterns(name: str, value: object, allow_none: bool = True) -> None:
     raise TypeError(f"{name} must be a name, a regex, a non-empty list of them, or None; got {value!r}")
 
 
+#: peft's ``init_lora_weights`` values that mean one of ours.
+_PEFT_INIT: dict[bool | str, LoRAInit] = {True: "kaiming", "gaussian": "gaussian"}
+
+
+def _take_alias(config: object, alias: str, name: str) -> None:
+    """Move peft's spelling ``alias`` into the field ``name`` (refusing two different values)."""
+    value = getattr(config, alias)
+    if value is None:
+        return
+    default = next(f.default for f in fields(config) if f.name == name)  # type: ignore[arg-type]
+    current = getattr(config, name)
+    if current != default and current != value:
+        raise ValueError(f"give {name}={current!r} or {alias}={value!r}, not both")
+    setattr(config, name, value)
+    setattr(config, alias, None)
+
+
 def _check_top_k(top_k: object, num_experts: int) -> None:
     if top_k is not None:
         check_k(top_k, num_experts, "top_k")
@@ -56,6 +73,10 @@ class AdapterConfig:
     """Fields every method shares.
 
     Attributes:
+        task_type: peft's task name (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), recorded and written to
+            peft-format folders; it does not change where the adapters go.
+        inference_mode: peft's flag, recorded (adapters loaded for inference are still trainable
+            here; freeze them yourself).
         target_modules: where the adapters go (names, suffixes, regex, ``"all-linear"``);
             ``None``: the default placement for the model's architecture.
         exclude_modules: the same forms; matching modules get no adapter.
@@ -68,8 +89,14 @@ class AdapterConfig:
     target_modules: Patterns | None = None
     exclude_modules: Patterns | None = None
     modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    inference_mode: bool = False
 
     def __post_init__(self) -> None:
+        if self.task_type is not None and not isinstance(self.task_type, str):  # peft's TaskType is a str enum
+            raise TypeError(f"task_type must be None or a peft task name such as 'CAUSAL_LM', got {self.task_type!r}")
+        if self.task_type is not None:
+            self.task_type = str(getattr(self.task_type, "value", self.task_type))
         _check_patterns("target_modules", self.target_modules)
         _check_patterns("exclude_modules", self.exclude_modules)
         _check_patterns("modules_to_save", self.modules_to_save)
@@ -91,8 +118,12 @@ class AdapterConfig:
         return self.num_experts > 1
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields plus ``"method"``."""
-        return {"method": self.method, **asdict(self)}
+        """JSON-ready fields plus ``"method"`` (peft's aliases, once folded in, are left out)."""
+        record = {"method": self.method, **asdict(self)}
+        for alias in ("lora_alpha", "lora_dropout", "init_lora_weights"):
+            if record.get(alias, 0) is None:
+                del record[alias]
+        return record
 
 
 @dataclass
@@ -121,8 +152,27 @@ class LoRAConfig(AdapterConfig):
     dropout: float = 0.0
     use_rslora: bool = False
     init: LoRAInit = "kaiming"
+    # peft's spellings: given, they set the fields above (and read back as None)
+    lora_alpha: float | None = field(default=None, repr=False)
+    lora_dropout: float | None = field(default=None, repr=False)
+    init_lora_weights: bool | str | None = field(default=None, repr=False)
+    bias: str = "none"
+    fan_in_fan_out: bool = False
 
     def __post_init__(self) -> None:
+        _take_alias(self, "lora_alpha", "alpha")
+        _take_alias(self, "lora_dropout", "dropout")
+        if self.init_lora_weights is not None:
+            init = _PEFT_INIT.get(self.init_lora_weights)
+            if init is None:
+                raise ValueError(
+                    f"init_lora_weights={self.init_lora_weights!r} is not supported; valid: True (Kaiming-uniform A, "
+                    f"peft's default) or 'gaussian'; B always starts at zero here"
+                )
+            self.init, self.init_lora_weights = init, None
+        if self.bias != "none":
+            raise ValueError(f"bias={self.bias!r} is not supported: adapters train no biases; valid: 'none'")
+        # fan_in_fan_out is accepted for peft configs and ignored: GPT-2's Conv1D is recognised by its type
         super().__post_init__()
         check_positive_int(self.r, "r")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
@@ -173,9 +223,16 @@ class IA3Config(AdapterConfig):
     method: ClassVar[str] = "ia3"
 
     feedforward_modules: Patterns | None = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.init_ia3_weights is not True:
+            raise ValueError(f"init_ia3_weights={self.init_ia3_weights!r} is not supported; the vectors start at one")
+        if isinstance(self.feedforward_modules, (list, tuple)) and not self.feedforward_modules:
+            self.feedforward_modules = []  # peft's "no feed-forward module": every target scales its output
+            return
         _check_patterns("feedforward_modules", self.feedforward_modules)
         if isinstance(self.feedforward_modules, tuple):
             self.feedforward_modules = list(self.feedforward_modules)
@@ -234,8 +291,9 @@ class Placement:
 
 
 #: ``DEFAULT_TARGETS[family][model_type]`` with family ``"lora"`` (LoRA and MoLoRA: q, k, v, o and
-#: both FFN matrices, the MoLoRA paper) or ``"ia3"`` (IA3 and MoV: key and value outputs and the
-#: FFN intermediate activation, i.e. the input of the down projection, as the MoV paper and peft).
+#: both FFN matrices, the MoLoRA paper), ``"ia3"`` (plain IA3: HF peft's own defaults, so a default
+#: ``IA3Config`` gives the model peft gives) or ``"mov"`` (MoV: key and value outputs and the FFN
+#: intermediate activation, i.e. the input of the down projection, as the MoV paper).
 DEFAULT_TARGETS: dict[str, dict[str, Placement]] = {
     "lora": {
         "t5": Placement(["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]),
@@ -243,7 +301,16 @@ DEFAULT_TARGETS: dict[str, dict[str, Placement]] = {
         "bert": Placement(["query", "key", "value", "output.dense", "intermediate.dense"]),
         "llama": Placement(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     },
+    # peft's TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING: on BERT "output.dense" is
+    # both the attention output and the FFN down projection, and both scale their input; GPT-2's
+    # fused c_attn is scaled on all its columns
     "ia3": {
+        "t5": Placement(["k", "v", "wo"], ["wo"]),
+        "gpt2": Placement(["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+        "bert": Placement(["key", "value", "output.dense"], ["output.dense"]),
+        "llama": Placement(["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    },
+    "mov": {
         "t5": Placement(["k", "v", "wo"], ["wo"]),
         # c_attn is the fused q|k|v projection: only its k and v columns are scaled (see layers.py)
         "gpt2": Placement(["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
@@ -266,7 +333,9 @@ MODEL_TYPE_ALIASES: dict[str, str] = {
 
 
 def method_family(config: AdapterConfig) -> str:
-    """``"lora"`` for LoRA/MoLoRA, ``"ia3"`` for IA3/MoV."""
+    """``"lora"`` for LoRA/MoLoRA, ``"ia3"`` for IA3, ``"mov"`` for MoV."""
+    if isinstance(config, MoVConfig):
+        return "mov"
     return "ia3" if isinstance(config, IA3Config) else "lora"
 
 

@@ -20,6 +20,7 @@ from mpolab.utils import is_conv1d, set_submodule
 
 from .config import AdapterConfig, IA3Config, LoRAConfig, MoLoRAConfig, MoVConfig, default_placement
 from .layers import WRAPPABLE, AdapterLayer, IA3Layer, LoRALayer, base_features, can_wrap
+from .peft_format import from_peft_config, is_peft_config
 
 __all__ = [
     "CONFIG_ATTR",
@@ -161,7 +162,9 @@ def plan(model: nn.Module, config: AdapterConfig) -> dict[str, dict[str, Any]]:
     specs: dict[str, dict[str, Any]] = {}
     for name, module in found.items():
         ff = isinstance(config, IA3Config) and _hits(name, feedforward or None)
-        out_slice = _fused_qkv_slice(name, module) if isinstance(config, IA3Config) and not ff else None
+        # MoV scales only the k and v columns of GPT-2's fused c_attn (the paper); plain IA3 scales
+        # all of them, as peft does
+        out_slice = _fused_qkv_slice(name, module) if isinstance(config, MoVConfig) and not ff else None
         specs[name] = {"feedforward": ff, "out_slice": out_slice}
     return specs
 
@@ -190,6 +193,11 @@ def build_layers(
     return {name: _build(config, model.get_submodule(name), spec) for name, spec in specs.items()}
 
 
+#: The peft methods an adapted model gains as instance attributes (see :mod:`mpolab_moe.peft.front`;
+#: ``merge_and_unload`` removes them).
+PEFT_METHODS = ("print_trainable_parameters", "get_nb_trainable_parameters", "merge_and_unload", "save_pretrained")
+
+
 def attach(model: nn.Module, config: AdapterConfig, layers: Mapping[str, AdapterLayer], saved: list[str]) -> nn.Module:
     """Freeze ``model``, put ``layers`` in place, unfreeze the adapters and the ``saved`` modules."""
     model.requires_grad_(False)
@@ -203,7 +211,7 @@ def attach(model: nn.Module, config: AdapterConfig, layers: Mapping[str, Adapter
     return model
 
 
-def get_model(model: nn.Module, config: AdapterConfig) -> nn.Module:
+def get_model(model: nn.Module, config: AdapterConfig | Any) -> nn.Module:
     """Add the adapters ``config`` describes to ``model`` (in place) and return it.
 
     The base model is frozen; the adapters, their routers and the ``modules_to_save`` train.
@@ -211,7 +219,10 @@ def get_model(model: nn.Module, config: AdapterConfig) -> nn.Module:
     Args:
         model: any ``nn.Module`` (Hugging Face T5, GPT-2, BERT, LLaMA have default targets; a
             module that wraps one, such as an encoder plus a head, uses the encoder's).
-        config: :class:`LoRAConfig`, :class:`MoLoRAConfig`, :class:`IA3Config` or :class:`MoVConfig`.
+        config: :class:`LoRAConfig`, :class:`MoLoRAConfig`, :class:`IA3Config` or :class:`MoVConfig`,
+            or a peft ``LoraConfig`` / ``IA3Config`` object (converted by
+            :func:`~mpolab_moe.peft.peft_format.from_peft_config`; ``target_modules=None`` takes
+            peft's default for the architecture).
 
     Returns:
         ``model``, with its target layers replaced by :class:`~mpolab_moe.peft.layers.LoRALayer`
@@ -225,10 +236,15 @@ def get_model(model: nn.Module, config: AdapterConfig) -> nn.Module:
     Examples:
         >>> model = get_model(model, MoVConfig(num_experts=10))
     """
-    if not isinstance(config, (LoRAConfig, MoLoRAConfig, IA3Config, MoVConfig)):
-        raise TypeError(f"config must be LoRAConfig, MoLoRAConfig, IA3Config or MoVConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if is_peft_config(config):
+        config = from_peft_config(config, model_type_of(model))
+    if not isinstance(config, (LoRAConfig, MoLoRAConfig, IA3Config, MoVConfig)):
+        raise TypeError(
+            "config must be LoRAConfig, MoLoRAConfig, IA3Config, MoVConfig or a peft LoraConfig / IA3Config, "
+            f"got {type(config).__name__}"
+        )
     existing = adapter_layers(model)
     if existing:
         raise ValueError(
@@ -309,7 +325,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         layer.check_mergeable(name)
     for name, layer in layers.items():
         set_submodule(model, name, layer.merge())
-    for attr in (CONFIG_ATTR, SAVED_MODULES_ATTR):
-        if hasattr(model, attr):
+    for attr in (CONFIG_ATTR, SAVED_MODULES_ATTR, *PEFT_METHODS):
+        if attr in vars(model):
             delattr(model, attr)
     return model
