@@ -20,7 +20,10 @@ from typing import Any
 
 from torch import nn
 
-from . import io, model
+from .io import SaveFormat, save_adapter
+from .io import load_adapter as load_adapter_only
+from .model import PEFT_METHODS, merge_and_unload, print_trainable_parameters, trainable_parameters
+from .model import get_model as get_model_only
 
 __all__ = ["PeftModel", "add_peft_methods", "from_pretrained", "get_model", "get_peft_model", "load_adapter"]
 
@@ -31,35 +34,35 @@ def _save_pretrained(
     *,
     is_main_process: bool = True,
     safe_serialization: bool = True,
-    format: io.SaveFormat = "peft",
+    format: SaveFormat = "peft",
 ) -> None:
     """peft's ``model.save_pretrained(d)``: the adapter only (see :func:`~mpolab_moe.peft.save_adapter`)."""
     if not safe_serialization:
         raise ValueError("safe_serialization=False is not supported: adapters are saved as safetensors only")
     if is_main_process:
-        io.save_adapter(adapted, save_directory, format=format)
+        save_adapter(adapted, save_directory, format=format)
 
 
 def _merge_and_unload(adapted: nn.Module, progressbar: bool = False, safe_merge: bool = False) -> nn.Module:
-    return model.merge_and_unload(adapted)
+    return merge_and_unload(adapted)
 
 
 def _nb_trainable(adapted: nn.Module) -> tuple[int, int]:
-    counts = model.trainable_parameters(adapted)
+    counts = trainable_parameters(adapted)
     return counts["trainable"], counts["total"]
 
 
 _METHODS: dict[str, Any] = {
-    "print_trainable_parameters": model.print_trainable_parameters,
+    "print_trainable_parameters": print_trainable_parameters,
     "get_nb_trainable_parameters": _nb_trainable,
     "merge_and_unload": _merge_and_unload,
     "save_pretrained": _save_pretrained,
 }
-assert tuple(_METHODS) == model.PEFT_METHODS
+assert tuple(_METHODS) == PEFT_METHODS
 
 
 def add_peft_methods(adapted: nn.Module) -> nn.Module:
-    """Give an adapted model peft's methods as instance attributes (``model.PEFT_METHODS``); return it."""
+    """Give an adapted model peft's methods as instance attributes (``PEFT_METHODS``); return it."""
     for attr, fn in _METHODS.items():
         object.__setattr__(adapted, attr, types.MethodType(fn, adapted))
     return adapted
@@ -67,10 +70,10 @@ def add_peft_methods(adapted: nn.Module) -> nn.Module:
 
 def get_model(base: nn.Module, config: Any) -> nn.Module:
     """:func:`mpolab_moe.peft.model.get_model`, and the model gains peft's methods."""
-    return add_peft_methods(model.get_model(base, config))
+    return add_peft_methods(get_model_only(base, config))
 
 
-get_model.__doc__ = model.get_model.__doc__
+get_model.__doc__ = get_model_only.__doc__
 
 
 def get_peft_model(base: nn.Module, peft_config: Any) -> nn.Module:
@@ -84,10 +87,10 @@ def get_peft_model(base: nn.Module, peft_config: Any) -> nn.Module:
 
 def load_adapter(base: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """:func:`mpolab_moe.peft.io.load_adapter`, and the model gains peft's methods."""
-    return add_peft_methods(io.load_adapter(base, path))
+    return add_peft_methods(load_adapter_only(base, path))
 
 
-load_adapter.__doc__ = io.load_adapter.__doc__
+load_adapter.__doc__ = load_adapter_only.__doc__
 
 
 def from_pretrained(base: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
