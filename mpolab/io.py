@@ -54,6 +54,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "LayerRecord",
     "SavedRecord",
+    "describe_layers",
     "load",
     "read_record",
     "read_tensors",
@@ -62,6 +63,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
+#: The index of a sharded save (Hugging Face ``save_pretrained`` with ``max_shard_size``).
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "mpolab_config.json"
 HF_CONFIG_NAME = "config.json"
 
@@ -108,7 +111,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
 
     from . import __version__
 
-    layers = {name: _describe(module) for name, module in mpo_modules(model).items()}
+    layers = describe_layers(model)
     record: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "mpolab_version": __version__,
@@ -139,6 +142,11 @@ def _wrote_hf_config(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and bool(record.get("model_class"))
+
+
+def describe_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The ``"modules"`` map of ``mpolab_config.json``: every MPO layer's record by qualified name."""
+    return {name: _describe(module) for name, module in mpo_modules(model).items()}
 
 
 def _describe(module: MPOModule) -> dict[str, Any]:
@@ -356,7 +364,8 @@ def read_record(path: str | os.PathLike[str]) -> SavedRecord:
     if not folder.is_dir():
         raise ValueError(f"{folder} is a file; expected {_EXPECTED}")
     for file in (folder / CONFIG_NAME, folder / WEIGHTS_NAME):
-        if not file.is_file():
+        # a sharded Hugging Face save (mpolab.from_pretrained reads it) has an index instead of one file
+        if not file.is_file() and not (file.name == WEIGHTS_NAME and (folder / WEIGHTS_INDEX_NAME).is_file()):
             raise FileNotFoundError(f"{file} is missing; expected {_EXPECTED}")
     file = folder / CONFIG_NAME
     record = _read_json(file)
