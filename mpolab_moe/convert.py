@@ -26,7 +26,7 @@ from torch import nn
 from mpolab.tables import TableReport
 
 from .experts.base import FFNBank
-from .ffn import FFN, LayerSpec, find_ffns
+from .ffn import FFN, LayerSpec, ffn_slots, find_ffns
 from .layer import MoE
 from .registry import get_method
 from .upcycle import expert_kind
@@ -127,7 +127,8 @@ def moefy(
     Args:
         model: a Hugging Face model (or any module holding supported FFNs, see :func:`find_ffns`).
         layers: which FFNs (indices / names as in :func:`find_ffns`); ``None``: the method's default
-            layers (every FFN for upcycling).
+            layers (every FFN for upcycling). Indices are the model's own FFN numbers, converted
+            ones included: ``layers=[0]`` always means the first FFN, and converting it twice is an error.
         num_experts, experts, gate: for upcycling (``method=None``) default to ``8``, ``"mpo"``,
             ``"top1"``; for another method they are passed to its builder only when given, so the
             method's own defaults apply otherwise.
@@ -154,8 +155,8 @@ def moefy(
     name = "upcycle" if method is None else method
     recipe = get_method(name)
     if layers is None and recipe.default_layers is not None:
-        found = find_ffns(model)
-        layers = [int(i) for i in recipe.default_layers(len(found), found[0].family)]
+        family = find_ffns(model)[0].family
+        layers = [int(i) for i in recipe.default_layers(len(ffn_slots(model)), family)]
     ffns = find_ffns(model, layers)
     given = {"num_experts": num_experts, "experts": experts, "gate": gate}
     options = {key: value for key, value in given.items() if value is not None} | kwargs

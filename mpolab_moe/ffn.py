@@ -5,9 +5,11 @@ weights in one layout, ``w1 [F, d]``, ``w2 [d_out, F]`` (``nn.Linear``'s), as :c
 :class:`~mpolab_moe.experts.base.FFNWeights` that also knows where it sits in the model
 (:meth:`FFN.install` puts a MoE in its place).
 
-Layer indices are positions in :func:`find_ffns`' list, which follows block order. For T5 the
-encoder's blocks come first: with ``n`` blocks per stack, indices ``0..n-1`` are the encoder's FFNs
-and ``n..2n-1`` the decoder's. Module names work as well (``"decoder.block.1"``, ``"encoder"``).
+Layer indices are positions in :func:`ffn_slots`, the model's FFNs in block order, those already
+converted to a mixture of experts included, so an index means the same FFN before and after a
+conversion. For T5 the encoder's blocks come first: with ``n`` blocks per stack, indices
+``0..n-1`` are the encoder's FFNs and ``n..2n-1`` the decoder's. Module names work as well
+(``"decoder.block.1"``, ``"encoder"``).
 
 Examples:
     >>> ffn = find_ffns(gpt2)[0]
@@ -29,7 +31,7 @@ from .activations import ACTIVATIONS, Activation
 from .experts.base import FFNWeights
 from .layer import moe_layers
 
-__all__ = ["FFN", "SUPPORTED_FFNS", "LayerSpec", "MoEWithDropout", "find_ffns"]
+__all__ = ["FFN", "SUPPORTED_FFNS", "LayerSpec", "MoEWithDropout", "ffn_slots", "find_ffns"]
 
 Family = Literal["t5", "gpt2", "bert", "llama", "sequential"]
 LayerSpec = int | str | Sequence[int | str] | None
@@ -134,6 +136,7 @@ class FFN(FFNWeights):
                 f"model holds {found} at {self.name!r}, not this FFN's {type(self.module).__name__} "
                 "(already converted, or an FFN of another model?)"
             )
+        moe.__dict__["converted_ffn"] = self.name  # keeps this FFN's slot (its layer index) in ffn_slots
         if self.family == "bert":
             self.module.intermediate = nn.Identity()
             self.module.get_submodule("output").dense = moe
@@ -244,14 +247,31 @@ def _recognise(module: nn.Module, name: str, config: Any, *, allow_sequential: b
 # ---------------------------------------------------------------------------------- find_ffns
 
 
-def _discover(model: nn.Module) -> list[FFN]:
+def ffn_slots(model: nn.Module) -> list[FFN | str]:
+    """The model's FFN positions in block order: an :class:`FFN`, or the name of one already converted.
+
+    :meth:`FFN.install` marks the module it installs (``converted_ffn``), so a converted FFN keeps
+    its position and layer indices stay the model's own layer numbers across conversions.
+
+    Examples:
+        >>> moefy(gpt2, layers=[0]); ffn_slots(gpt2)[:2]
+        ['transformer.h.0.mlp', FFN(name='transformer.h.1.mlp', ...)]
+    """
     config = getattr(model, "config", None)
-    found: list[FFN] = []
+    slots: list[FFN | str] = []
+    converted_at: str | None = None
     for name, module in model.named_modules():
+        if converted_at is not None and _under(name, converted_at):
+            continue
+        converted = module.__dict__.get("converted_ffn")
+        if isinstance(converted, str):
+            slots.append(converted)
+            converted_at = name
+            continue
         ffn = _recognise(module, name, config, allow_sequential=False)
         if ffn is not None:
-            found.append(ffn)
-    return found
+            slots.append(ffn)
+    return slots
 
 
 def find_ffns(model: nn.Module, layers: LayerSpec = None) -> list[FFN]:
@@ -277,11 +297,12 @@ def find_ffns(model: nn.Module, layers: LayerSpec = None) -> list[FFN]:
         >>> [f.name for f in find_ffns(t5, layers=[0, -1])]
         ['encoder.block.0.layer.1.DenseReluDense', 'decoder.block.5.layer.2.DenseReluDense']
     """
-    found = _discover(model)
+    slots = ffn_slots(model)
+    found = {i: s for i, s in enumerate(slots) if isinstance(s, FFN)}
     if layers is None:
         if not found:
             raise _no_ffn_error(model)
-        return found
+        return list(found.values())
     specs = [layers] if isinstance(layers, (int, str)) else list(layers)
     if not specs:
         raise ValueError("layers is empty; give None for every FFN, or indices / module names")
@@ -291,23 +312,17 @@ def find_ffns(model: nn.Module, layers: LayerSpec = None) -> list[FFN]:
         if isinstance(spec, bool) or not isinstance(spec, (int, str)):
             raise TypeError(f"layers must hold ints (block indices) or str (module names), got {spec!r}")
         if isinstance(spec, int):
-            if not found:
-                raise _no_ffn_error(model)
-            if not -len(found) <= spec < len(found):
-                raise ValueError(
-                    f"layer index {spec} out of range: {type(model).__name__} has {len(found)} FFNs, "
-                    f"valid indices 0..{len(found) - 1} (or -{len(found)}..-1)"
-                )
-            chosen[spec % len(found)] = found[spec % len(found)]
+            chosen[spec % len(slots)] = _slot(model, slots, spec)
             continue
-        hits = {i: f for i, f in enumerate(found) if _under(f.name, spec) or _under(spec, f.name)}
+        hits = {i: f for i, f in found.items() if _under(f.name, spec) or _under(spec, f.name)}
         if hits:
             chosen.update(hits)
             continue
         try:
             module = model.get_submodule(spec)
         except AttributeError:
-            names = ", ".join(repr(f.name) for f in found[:4]) + (", ..." if len(found) > 4 else "")
+            ffns = list(found.values())
+            names = ", ".join(repr(f.name) for f in ffns[:4]) + (", ..." if len(ffns) > 4 else "")
             raise ValueError(
                 f"{type(model).__name__} has no module named {spec!r}" + (f"; its FFNs are {names}" if found else "")
             ) from None
@@ -315,6 +330,24 @@ def find_ffns(model: nn.Module, layers: LayerSpec = None) -> list[FFN]:
         if all(e.module is not module for e in extra):
             extra.append(ffn)
     return [chosen[i] for i in sorted(chosen)] + extra
+
+
+def _slot(model: nn.Module, slots: list[FFN | str], index: int) -> FFN:
+    """The FFN at layer ``index`` of ``slots``, refusing an index out of range or already converted."""
+    if not slots:
+        raise _no_ffn_error(model)
+    if not -len(slots) <= index < len(slots):
+        raise ValueError(
+            f"layer index {index} out of range: {type(model).__name__} has {len(slots)} FFNs, "
+            f"valid indices 0..{len(slots) - 1} (or -{len(slots)}..-1)"
+        )
+    slot = slots[index % len(slots)]
+    if isinstance(slot, str):
+        raise ValueError(
+            f"layer {index} ({slot!r}) is already a mixture of experts; moefy converts each FFN once "
+            "(layer indices are the model's own FFN numbers, converted ones included)"
+        )
+    return slot
 
 
 def _under(name: str, prefix: str) -> bool:

@@ -95,11 +95,34 @@ class GradientMask:
 
     # ------------------------------------------------------------------ the step
     def attach(self, optimizer: torch.optim.Optimizer) -> GradientMask:
-        """Run :meth:`apply` / :meth:`restore` around every ``optimizer.step()`` (any torch optimizer)."""
+        """Run :meth:`apply` / :meth:`restore` around every ``optimizer.step()`` (any torch optimizer).
+
+        Raises:
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            ValueError: it does not hold every trainable central tensor of the banks (the mask
+                would clear their gradients while this optimizer never steps them).
+        """
+        self.check_optimizer(optimizer)
         self._optimizer = optimizer
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         self._handles.append(optimizer.register_step_post_hook(self._post_step))
         return self
+
+    def check_optimizer(self, optimizer: object) -> None:
+        """Refuse an optimizer that does not hold the banks' trainable central tensors (see :meth:`attach`)."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        central = [(k, p) for k, bank in enumerate(self.banks) for p in bank.central_parameters() if p.requires_grad]
+        missing = [(k, tuple(p.shape)) for k, p in central if id(p) not in held]
+        if missing:
+            k, shape = missing[0]
+            raise ValueError(
+                f"{type(optimizer).__name__} does not hold {len(missing)} of the {len(central)} trainable central "
+                f"tensors of the MPOE banks (first: bank {k}, shape {list(shape)}); the mask would clear their "
+                "gradients while this optimizer never updates them. Build the optimizer over the model's "
+                "parameters (e.g. torch.optim.AdamW(model.parameters())) or freeze the central tensors"
+            )
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.apply(optimizer)

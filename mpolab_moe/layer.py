@@ -72,8 +72,11 @@ class MoE(nn.Module):
     ``capacity_factor`` each expert takes at most ``ceil(k * capacity_factor * T / E)`` assignments
     (GShard: earlier choices and earlier tokens first) and the rest are dropped: their
     contribution is zero, so with a residual connection around the layer the token passes through
-    unchanged. Soft routing (MoV, MoLoRA) goes to the bank's ``forward_soft`` when it has one
-    (``Capability.SOFT``), else every expert runs on every token; it takes no capacity.
+    unchanged. The capacity applies **in training only** by default: in eval mode a token's output
+    would otherwise depend on which other sequences share its batch; pass ``capacity_in_eval=True``
+    to drop at inference too (e.g. to bound the work per expert). Soft routing (MoV, MoLoRA) goes
+    to the bank's ``forward_soft`` when it has one (``Capability.SOFT``), else every expert runs on
+    every token; it takes no capacity.
 
     The pair is checked when the layer is built (:func:`check_pair`): a gate that needs a bank
     capability the bank lacks is refused with the reason. A
@@ -81,11 +84,15 @@ class MoE(nn.Module):
 
     After each forward, :attr:`aux_loss` holds the gate's weighted auxiliary losses (a scalar
     tensor with gradient, or ``None``) and :attr:`last_stats` a :class:`RoutingStats`.
+    ``copy.deepcopy`` and pickling leave out :attr:`aux_loss` and :attr:`last_routing` (they hold
+    the last forward's autograd graph), so a copy (EMA, teacher) starts with ``None`` there.
 
     Args:
         gate: a :class:`~mpolab_moe.gates.base.Gate`.
         experts: an :class:`~mpolab_moe.experts.base.ExpertBank` with the gate's ``num_experts``.
         capacity_factor: ``None`` (dropless) or ``> 0`` (sparse gates only).
+        capacity_in_eval: apply ``capacity_factor`` in eval mode too (default ``False``: inference
+            is dropless, so outputs do not depend on batch composition).
 
     Examples:
         >>> layer = MoE(TopKGate(768, 8, k=1), DenseExperts(768, 3072, 8))    # Switch
@@ -94,10 +101,20 @@ class MoE(nn.Module):
         tensor(512)
     """
 
-    def __init__(self, gate: Gate, experts: ExpertBank, *, capacity_factor: float | None = None) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        experts: ExpertBank,
+        *,
+        capacity_factor: float | None = None,
+        capacity_in_eval: bool = False,
+    ) -> None:
         super().__init__()
         check_pair(gate, experts, capacity_factor=capacity_factor)
+        if not isinstance(capacity_in_eval, bool):
+            raise TypeError(f"capacity_in_eval must be True or False, got {capacity_in_eval!r}")
         self.gate, self.experts, self.capacity_factor = gate, experts, capacity_factor
+        self.capacity_in_eval = capacity_in_eval
         if isinstance(gate, BankBoundGate):
             gate.bind(experts)
         self.aux_loss: Tensor | None = None
@@ -107,6 +124,24 @@ class MoE(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.experts.num_experts
+
+    @property
+    def active_capacity_factor(self) -> float | None:
+        """The capacity factor the next forward applies: ``None`` in eval unless ``capacity_in_eval``."""
+        if self.training or self.capacity_in_eval:
+            return self.capacity_factor
+        return None
+
+    def __getstate__(self) -> dict[str, object]:
+        """The module's state without the last forward's graph (``aux_loss``, ``last_routing``).
+
+        Those tensors are non-leaf nodes of an autograd graph after a training forward, which
+        ``copy.deepcopy`` refuses; a copy starts without them, as a fresh layer does.
+        """
+        state = dict(super().__getstate__())
+        state["aux_loss"] = None
+        state["last_routing"] = None
+        return state
 
     def forward(self, x: Tensor) -> Tensor:
         d = self.experts.in_features
@@ -158,8 +193,9 @@ class MoE(nn.Module):
         expert, token, combine = flat_index[order], flat_token[order], flat_weight[order]
         counts = torch.bincount(expert, minlength=E)
         dropped = 0
-        if self.capacity_factor is not None:
-            capacity = math.ceil(k * self.capacity_factor * T / E)
+        capacity_factor = self.active_capacity_factor
+        if capacity_factor is not None:
+            capacity = math.ceil(k * capacity_factor * T / E)
             starts = counts.cumsum(0) - counts
             keep = torch.arange(expert.numel(), device=expert.device) - starts[expert] < capacity
             dropped = int((~keep).sum())
@@ -184,7 +220,10 @@ class MoE(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"capacity_factor={self.capacity_factor}" if self.capacity_factor is not None else "dropless"
+        if self.capacity_factor is None:
+            return "dropless"
+        where = "training and eval" if self.capacity_in_eval else "training only"
+        return f"capacity_factor={self.capacity_factor} ({where})"
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoE]:
