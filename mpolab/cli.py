@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--exclude", nargs="+", help="module names, suffixes or regexes to leave alone")
     c.add_argument("--num-cores", type=int, default=5, help="cores per MPO (default 5, as the MPOP authors)")
+    c.add_argument(
+        "--calibration",
+        type=Path,
+        help="a UTF-8 text file (one text per line) to calibrate on: data-aware compression (see docs/compress.md)",
+    )
+    c.add_argument("--calibration-tokens", type=int, default=16_384, help="calibration tokens to use (16384)")
+    c.add_argument("--sensitivity", action="store_true", help="weight the calibrated budget by measured sensitivity")
     c.add_argument("--out", type=Path, help="folder to save the compressed model to")
     c.add_argument("--plot", type=Path, help="write bond spectra and the error-vs-parameters curve to this PNG")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -91,6 +98,16 @@ def _load_model(name: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _read_calibration(path: Path) -> list[str]:
+    """Non-empty lines of a UTF-8 text file (read before the model loads, so a bad path fails fast)."""
+    if not path.is_file():
+        raise ValueError(f"--calibration {str(path)!r} is not a file; give a UTF-8 text file, one text per line")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"--calibration {str(path)!r} holds no text")
+    return lines
+
+
 def _compress(args: argparse.Namespace) -> int:
     from .compress import compress
 
@@ -98,7 +115,21 @@ def _compress(args: argparse.Namespace) -> int:
         _require_matplotlib()  # before any work: a missing plotting library must not cost a compression
     if args.out is not None:
         _check_writable(args.out)
+    calibration_texts = _read_calibration(args.calibration) if args.calibration is not None else None
     model, tokenizer = _load_model(args.model)
+    calibration = None
+    if calibration_texts is not None:
+        from .calibrate import calibration_data
+
+        if tokenizer is None:
+            raise ValueError(f"--calibration needs a tokenizer, and none could be loaded from {args.model!r}")
+        config = getattr(model, "config", None)
+        packed = bool(getattr(config, "is_decoder", False)) or any(
+            str(a).endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or [])
+        )
+        calibration = calibration_data(
+            tokenizer, calibration_texts, num_tokens=args.calibration_tokens, seq_len=256 if packed else 128, packed=packed
+        )
     report = compress(
         model,
         args.targets,
@@ -109,6 +140,8 @@ def _compress(args: argparse.Namespace) -> int:
         max_rank=args.max_rank,
         num_cores=args.num_cores,
         progress=not args.no_progress,
+        calibration=calibration,
+        sensitivity=args.sensitivity,
     )
     print(report)
     if args.out is not None:  # save first: the model is the result, the plot only a picture of it

@@ -232,7 +232,11 @@ def compress(
 
     mpos: dict[str, MPO | None] = {}
     calibrated = None
-    if calibration is not None and (opts.has_budget or opts.rel_tol is not None or opts.max_rank is not None):
+    if calibration is not None and not (opts.has_budget or opts.rel_tol is not None or opts.max_rank is not None):
+        raise ValueError(
+            "calibration data only matters when something is truncated: give ratio, max_params, rel_tol or max_rank"
+        )
+    if calibration is not None:
         fixed_mpos = {n: decompose(weights[n], options=plans[n]) for n in fixed}
         free = {n: targets[n] for n in plans if n not in fixed}
         budget = opts.budget_for(sum(w.numel() for w in weights.values())) if opts.has_budget else None

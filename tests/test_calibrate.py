@@ -245,3 +245,17 @@ def test_sensitivity_weighted_budget():
     model = copy.deepcopy(tiny_llama())
     report = mpolab.compress(model, ["gate_proj", "up_proj", "down_proj"], ratio=0.5, calibration=batches(2), sensitivity=True)
     assert report.params_after <= int(0.5 * report.params_before)
+
+
+def test_cli_compress_with_a_calibration_file(tmp_path, capsys):
+    from mpolab import cli
+    from mpolab.text import train_eval_sentences
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(train_eval_sentences(60, 4)[0]), encoding="utf-8")
+    code = cli.main(["compress", "demo", "--targets", "intermediate.dense", "--ratio", "0.6",
+                     "--calibration", str(text), "--calibration-tokens", "1024", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and "output error" in out and "layout" in out
+    assert cli.main(["compress", "demo", "--ratio", "0.5", "--calibration", str(tmp_path / "missing.txt")]) == 2
+    assert "not a file" in capsys.readouterr().err
