@@ -4,7 +4,8 @@ A saved model is a folder:
 
 * ``model.safetensors``: the whole ``state_dict`` (MPO cores as ``<layer>.cores.<k>``). Tensors
   shared between names (tied embeddings and ``lm_head``) are stored once.
-* ``mpolab_config.json``: ``format_version``, ``mpolab_version``, each MPO layer's kind, shape,
+* ``mpolab_config.json``: ``format_version``, ``mpolab_version``, the SHA-256 of
+  ``model.safetensors`` (``weights_sha256``, checked on load), each MPO layer's kind, shape,
   factors, ranks, bias, ``padding_idx`` and dtype, and for Hugging Face models the
   ``model_class`` (``"transformers.GPT2LMHeadModel"``).
 * ``config.json``: the Hugging Face config, for Hugging Face models.
@@ -29,6 +30,7 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -44,7 +46,7 @@ import torch
 from torch import nn
 
 from .mpo import MPO
-from .nn import MPOEmbedding, MPOLinear, MPOModule, mpo_modules
+from .nn import MPOEmbedding, MPOLinear, MPOModule, check_padding_idx, mpo_modules
 from .utils import atomic_files, is_conv1d, set_submodule
 
 __all__ = [
@@ -55,10 +57,14 @@ __all__ = [
     "LayerRecord",
     "SavedRecord",
     "describe_layers",
+    "file_sha256",
     "load",
+    "read_checked",
     "read_record",
     "read_tensors",
+    "safe_hf_config",
     "save",
+    "verify_weights",
 ]
 
 FORMAT_VERSION = 1
@@ -124,7 +130,9 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     stale_hf_config = hf_config is None and _wrote_hf_config(path)
 
     with atomic_files(path) as files:  # moved into place in write order: the structure file last
-        files.write_with(WEIGHTS_NAME, lambda tmp: safetensors.torch.save_model(model, tmp, metadata={"format": "pt"}))
+        weights = files.path(WEIGHTS_NAME)
+        safetensors.torch.save_model(model, str(weights), metadata={"format": "pt"})
+        record["weights_sha256"] = file_sha256(weights)
         if hf_config is not None:
             files.write_text(HF_CONFIG_NAME, hf_config.to_json_string(use_diff=True))
         files.write_text(CONFIG_NAME, json.dumps(record, indent=2, sort_keys=False) + "\n")
@@ -210,6 +218,7 @@ def load(
     *,
     strict: bool = True,
     map_location: str | torch.device = "cpu",
+    verify: bool = True,
 ) -> nn.Module:
     """Load a model saved by :func:`save`.
 
@@ -227,6 +236,9 @@ def load(
             warning). Shape mismatches are always errors.
         map_location: device the tensors are read to. A model built from ``config.json`` is
             moved there; with a ``base`` the values are copied into the base's own devices.
+        verify: check ``model.safetensors`` against the SHA-256 recorded at save time (one
+            read of the file); ``False`` skips it (huge files). Folders saved before the hash
+            was recorded load without the check.
 
     Returns:
         The model. A given ``base`` keeps its train/eval mode; a model built from the folder is
@@ -234,7 +246,8 @@ def load(
 
     Raises:
         FileNotFoundError: ``path`` or one of its files does not exist.
-        ValueError: a corrupt or unknown-version file, a base whose modules or tensors do not
+        ValueError: a corrupt or unknown-version file, weights whose SHA-256 is not the
+            recorded one, a recorded structure the file's tensors do not have, a base whose modules or tensors do not
             match the saved ones (naming them and their shapes), or no ``base`` for a folder that
             does not record a ``transformers`` model class. On these errors a given ``base`` is
             left as it was.
@@ -243,8 +256,7 @@ def load(
         >>> model = mpolab.load("compressed/")                     # Hugging Face model
         >>> model = mpolab.load("compressed/", base=MyNet())       # any other model
     """
-    saved = read_record(path)
-    state = read_tensors(path, map_location)
+    saved, state = read_checked(path, map_location, verify=verify)
     config_file, weights_file = saved.folder / CONFIG_NAME, saved.folder / WEIGHTS_NAME
 
     if base is None:
@@ -342,6 +354,7 @@ class SavedRecord:
     mpolab_version: str | None
     model_class: str | None
     layers: dict[str, LayerRecord]
+    weights_sha256: str | None = None
 
 
 def read_record(path: str | os.PathLike[str]) -> SavedRecord:
@@ -371,12 +384,19 @@ def read_record(path: str | os.PathLike[str]) -> SavedRecord:
     record = _read_json(file)
     layers = {name: _parse_layer(name, rec, file) for name, rec in record["modules"].items()}
     version = record.get("mpolab_version")
+    digest = record.get("weights_sha256")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise ValueError(f"{file}: weights_sha256 must be 64 lowercase hex digits, got {digest!r}")
+    model_class = record.get("model_class")
+    if model_class is not None and not isinstance(model_class, str):
+        raise ValueError(f"{file}: model_class must be a string ('transformers.<Name>'), got {model_class!r}")
     return SavedRecord(
         folder,
         record["format_version"],
         None if version is None else str(version),
-        record.get("model_class") or None,
+        model_class or None,
         layers,
+        digest,
     )
 
 
@@ -395,6 +415,79 @@ def read_tensors(path: str | os.PathLike[str], map_location: str | torch.device 
         raise
     except Exception as e:  # SafetensorError (header/body truncated or garbled), OSError, ...
         raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
+def file_sha256(file: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (read in 16 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(16 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights(saved: SavedRecord) -> None:
+    """Check ``model.safetensors`` against the ``weights_sha256`` of ``mpolab_config.json``.
+
+    Nothing to check for folders saved without a hash (older mpolab, sharded saves).
+
+    Raises:
+        ValueError: the recorded hash is not a SHA-256 hex string, or the file's bytes differ.
+    """
+    expected = saved.weights_sha256
+    file = saved.folder / WEIGHTS_NAME
+    if expected is None or not file.is_file():
+        return
+    actual = file_sha256(file)
+    if actual != expected:
+        raise ValueError(
+            f"{file} is not the file that was saved: its SHA-256 is {actual[:16]}..., {CONFIG_NAME} records "
+            f"{expected[:16]}... (corrupted or modified after saving); re-save the model, or pass verify=False "
+            "to load it anyway"
+        )
+
+
+def read_checked(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *, verify: bool = True
+) -> tuple[SavedRecord, dict[str, torch.Tensor]]:
+    """The record and the tensors of a saved folder, with every check that needs no base model.
+
+    :func:`load` and ``mpolab inspect`` both read through this, so they refuse the same folders:
+    :func:`read_record`'s checks, the weights' SHA-256 (unless ``verify=False``), and every
+    recorded layer against the file: its cores (present, of the recorded shapes and dtype, all
+    read from the file's header before anything is allocated for the layer), its bias, and its
+    ``padding_idx``.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`read_record` and :func:`read_tensors`; a layer
+            whose recorded structure the file does not hold (naming the layer, the field, both values).
+    """
+    saved = read_record(path)
+    if verify:
+        verify_weights(saved)
+    tensors = read_tensors(saved.folder, map_location)
+    file = saved.folder / WEIGHTS_NAME
+    for layer in saved.layers.values():
+        _check_layer_tensors(layer, tensors, file)
+    return saved, tensors
+
+
+def _check_layer_tensors(layer: LayerRecord, tensors: Mapping[str, torch.Tensor], file: Path) -> None:
+    """``layer``'s cores and bias in ``tensors`` have the recorded shapes and dtype."""
+    mpo = layer.mpo_from(tensors, file)
+    if mpo.dtype != layer.dtype:
+        raise ValueError(f"{file}: layer {layer.name!r} has {mpo.dtype} cores, but {CONFIG_NAME} records {layer.dtype}")
+    bias_key = f"{layer.name}.bias" if layer.name else "bias"
+    if layer.bias and layer.kind == "linear":
+        bias = tensors.get(bias_key)
+        if bias is None or tuple(bias.shape) != (layer.shape[0],):
+            found = "no bias" if bias is None else f"a bias of shape {tuple(bias.shape)}"
+            raise ValueError(
+                f"{file}: {CONFIG_NAME} records a bias [{layer.shape[0]}] for layer {layer.name!r}, "
+                f"the file holds {found}"
+            )
+    elif bias_key in tensors:
+        raise ValueError(f"{file} holds {bias_key!r}, but {CONFIG_NAME} records layer {layer.name!r} without bias")
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -454,9 +547,20 @@ def _parse_layer(name: str, rec: Any, file: Path) -> LayerRecord:
     if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
         raise ValueError(f"{where} has unknown dtype {rec.get('dtype')!r}")
     padding_idx = rec.get("padding_idx")
-    if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)):
-        raise ValueError(f"{where} has a non-integer padding_idx {padding_idx!r}")
+    if kind == "linear" and padding_idx is not None:
+        raise ValueError(f"{where}: a linear layer has no padding_idx, got {padding_idx!r}")
+    try:
+        padding_idx = check_padding_idx(padding_idx, shape[0])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    for flag in ("bias", "cache_weight"):
+        if flag in rec and not isinstance(rec[flag], bool):
+            raise ValueError(f"{where}: {flag} must be true or false, got {rec[flag]!r}")
+    if kind == "embedding" and rec.get("bias"):
+        raise ValueError(f"{where}: an embedding has no bias, got bias=true")
     original = rec.get("original")
+    if original is not None and not isinstance(original, str):
+        raise ValueError(f"{where}: original must be a class name or null, got {original!r}")
     return LayerRecord(
         name=name,
         kind=kind,
@@ -502,10 +606,45 @@ def _build_hf_model(path: Path, name: str | None, config_file: Path) -> nn.Modul
     if config_class is None:
         raise ValueError(f"{config_file}: model_class {name!r} has no config class to read {hf_config} with")
     try:
-        config = config_class.from_json_file(hf_config)
-    except (OSError, ValueError, TypeError) as e:
+        data = json.loads(hf_config.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        config = config_class.from_dict(safe_hf_config(data, str(hf_config)))
+    except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"{hf_config} is not a valid {config_class.__name__} ({e})") from e
     return cls(config)
+
+
+#: ``config.json`` fields that make transformers load code (remote modules, hub kernels).
+_CODE_FIELDS = ("auto_map", "trust_remote_code", "custom_pipelines")
+_ATTENTION_FIELDS = ("attn_implementation", "_attn_implementation")
+#: attention implementations built into transformers (anything else may fetch a hub kernel).
+SAFE_ATTENTION = ("eager", "sdpa")
+
+
+def safe_hf_config(data: dict[str, Any], source: str = HF_CONFIG_NAME) -> dict[str, Any]:
+    """A copy of a ``config.json`` dict that cannot make transformers load code, with a warning per change.
+
+    Code-loading fields (``auto_map``, ``trust_remote_code``, ``custom_pipelines``) are dropped, and
+    an attention implementation other than ``"eager"`` / ``"sdpa"`` (a hub kernel such as
+    ``"kernels-community/flash-attn"``) is removed so transformers picks its built-in default;
+    nested sub-configs (``text_config``, ...) likewise.
+    """
+    clean: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _CODE_FIELDS:
+            warnings.warn(f"{source}: ignoring {key!r} (mpolab.load never loads code from a folder)", stacklevel=4)
+        elif key in _ATTENTION_FIELDS and value is not None and value not in SAFE_ATTENTION:
+            warnings.warn(
+                f"{source}: ignoring {key}={value!r}; building with a built-in attention implementation "
+                f"({' or '.join(SAFE_ATTENTION)}) instead, since others may download code",
+                stacklevel=4,
+            )
+        elif isinstance(value, dict):
+            clean[key] = safe_hf_config(value, source)
+        else:
+            clean[key] = value
+    return clean
 
 
 def _compatible_shape(module: nn.Module) -> tuple[str, tuple[int, int], str] | None:

@@ -37,6 +37,7 @@ __all__ = [
     "MPOLinear",
     "MPOModule",
     "VersionedCache",
+    "check_padding_idx",
     "init_cores_",
     "mpo_modules",
     "random_mpo",
@@ -385,6 +386,26 @@ class MPOLinear(MPOModule):
         )
 
 
+def check_padding_idx(padding_idx: object, num_embeddings: int) -> int | None:
+    """``padding_idx`` as :class:`torch.nn.Embedding` takes it: ``None`` or an int in
+    ``[-num_embeddings, num_embeddings)``, negative ones counted from the end (returned normalised).
+
+    Raises:
+        TypeError: not an int (bools included).
+        ValueError: outside the vocabulary.
+    """
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+        raise TypeError(f"padding_idx must be None or an int, got {padding_idx!r} ({type(padding_idx).__name__})")
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(
+            f"padding_idx={padding_idx} is outside the vocabulary of {num_embeddings} embeddings "
+            f"(valid: None or -{num_embeddings}..{num_embeddings - 1})"
+        )
+    return padding_idx % num_embeddings
+
+
 class MPOEmbedding(MPOModule):
     """An embedding table ``[num_embeddings, embedding_dim]`` stored as an MPO.
 
@@ -433,7 +454,7 @@ class MPOEmbedding(MPOModule):
             dtype=dtype,
         )
         super().__init__(mpo, cache_weight=cache_weight, original_type=original_type)
-        self.padding_idx = padding_idx
+        self.padding_idx = check_padding_idx(padding_idx, num_embeddings)
         if random:
             self.reset_parameters()
 
@@ -611,9 +632,7 @@ def init_cores_(cores: Iterable[torch.Tensor], target_std: float) -> None:
         core.normal_(0.0, sigma)
 
 
-def _given_or_random(
-    mpo: MPO | None, shape: tuple[int, int], names: tuple[str, str], **structure: Any
-) -> MPO:
+def _given_or_random(mpo: MPO | None, shape: tuple[int, int], names: tuple[str, str], **structure: Any) -> MPO:
     """``mpo`` checked against ``shape``, or an uninitialised :func:`random_mpo` of ``structure``."""
     if mpo is None:
         return random_mpo(*shape, **structure)
