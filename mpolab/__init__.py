@@ -14,6 +14,7 @@ from .calibrate import InputStats, calibration_data, collect_input_stats
 from .compress import CompressionReport, compress, find_targets
 from .decompose import decompose
 from .heal import HealReport, fidelity, heal, perplexity
+from .hub import from_pretrained  # also hooks transformers' save_pretrained (mpolab.hub)
 from .io import load, save
 from .mpo import MPO
 from .nn import HasCentralTensor, MPOEmbedding, MPOLinear, MPOModule
@@ -45,6 +46,7 @@ __all__ = [
     "factorize",
     "fidelity",
     "find_targets",
+    "from_pretrained",
     "heal",
     "load",
     "output_error",

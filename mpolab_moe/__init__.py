@@ -13,7 +13,7 @@ from . import (
     peft,  # noqa: F401  (mpolab_moe.peft: the PEFT-style front door)
     recipes,  # noqa: F401  (registers "moefication", "emoe" and "dynmoe" with moefy)
 )
-from .convert import MoefyReport, moefy
+from .convert import MoefyReport
 from .experts import (
     BankOutput,
     Capability,
@@ -46,6 +46,7 @@ from .gates import (
     train_mlp_gate,
 )
 from .grad_mask import GradientMask
+from .hub import from_pretrained, moefy  # moefy that records its arguments (for save_pretrained)
 from .layer import MoE, aux_loss, check_pair, moe_layers
 from .registry import register_method, registered_methods
 from .routing import Routing, RoutingStats
@@ -88,6 +89,7 @@ __all__ = [
     "coactivation_split",
     "contiguous_split",
     "find_ffns",
+    "from_pretrained",
     "grouped_matmul",
     "moe_layers",
     "moefy",
