@@ -334,3 +334,25 @@ def test_adapters_are_moe_layers_with_routing_statistics(bases, method):
         assert stats is not None and stats.tokens_per_expert.shape == (E,)
         assert stats.tokens_per_expert.tolist() == [stats.num_tokens] * E  # soft: every expert weighs in
         assert layer.last_routing is layer.moe.last_routing
+
+
+def test_damaged_adapter_folders_give_clear_errors(bases, tmp_path):
+    """Issue 13: a truncated weights file or a record without "modules" is a ValueError naming the problem."""
+    model = mpeft.get_model(copy.deepcopy(bases["gpt2"]), mpeft.LoRAConfig(r=2))
+    for fmt in ("peft", "mpolab"):
+        folder = tmp_path / fmt
+        mpeft.save_adapter(model, folder, format=fmt)
+        weights = folder / "adapter_model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match=r"adapter_model\.safetensors is not a readable safetensors file"):
+            mpeft.load_adapter(copy.deepcopy(bases["gpt2"]), folder)
+        weights.write_bytes(data)
+    record = json.loads((tmp_path / "mpolab" / "adapter_config.json").read_text())
+    del record["modules"]
+    (tmp_path / "mpolab" / "adapter_config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"the adapter record lacks \['modules'\]"):
+        mpeft.load_adapter(copy.deepcopy(bases["gpt2"]), tmp_path / "mpolab")
+    (tmp_path / "mpolab" / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        mpeft.load_adapter(copy.deepcopy(bases["gpt2"]), tmp_path / "mpolab")
