@@ -257,9 +257,26 @@ class MPO:
             factors = [tl.tensor(c.detach().cpu().numpy()) for c in self.cores]
         return TTMatrix(factors)
 
+    def to_tltorch(self) -> Any:
+        """A :class:`tltorch.BlockTT` (tensorly-torch's tensorized TT matrix) of the (padded) matrix.
+
+        ``BlockTT`` factors are ``(rank_left, rows_k, cols_k, rank_right)`` like ours and its
+        ``tensorized_shape`` is ``(out_factors, in_factors)``; the cores are copied (the result owns
+        its parameters). :meth:`from_tensorly` reads a ``BlockTT`` back.
+
+        Examples:
+            >>> block = mpo.to_tltorch()
+            >>> torch.allclose(block.to_matrix(), mpo.to_matrix())
+            True
+        """
+        import tltorch
+
+        factors = [c.detach().clone() for c in self.cores]
+        return tltorch.BlockTT(factors, tensorized_shape=(self.out_factors, self.in_factors), rank=[1, *self.ranks, 1])
+
     @classmethod
     def from_tensorly(cls, tt_matrix: Any, *, out_features: int | None = None, in_features: int | None = None) -> MPO:
-        """Build an :class:`MPO` from a tensorly ``TTMatrix`` (or its list of factors).
+        """Build an :class:`MPO` from a tensorly ``TTMatrix``, a tltorch ``BlockTT`` (or a list of factors).
 
         ``out_features``/``in_features`` default to the full products of the factors; pass the
         true sizes to slice off padding.
