@@ -1,4 +1,4 @@
-"""MPO <-> tltorch's BlockTT and tensorly's TTMatrix; tensorly-style rank lists are refused with a message naming the form."""
+"""MPO <-> tltorch BlockTT and tensorly TTMatrix; tensorly-style rank lists are refused naming the form."""
 
 import pytest
 import torch
