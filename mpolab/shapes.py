@@ -196,6 +196,11 @@ def plan_factors(
     ins = _side(in_features, num_cores, in_factors, pad, "in", out_features, out_factors)
     if in_factors is None and _single_entry_cores(outs, ins) and not _single_entry_cores(outs, ins[::-1]):
         ins = ins[::-1]  # sizes with few prime factors: put the 1s where the other side has factors
+    if _single_entry_cores(outs, ins):
+        if in_factors is None:
+            ins = _spread_over_single_entry_cores(outs, ins)
+        elif out_factors is None:
+            outs = _spread_over_single_entry_cores(ins, outs)
     bad = _single_entry_cores(outs, ins)
     if bad and _max_cores(out_features, in_features) < 2:
         raise ValueError(
@@ -209,6 +214,19 @@ def plan_factors(
             f"use num_cores <= {_max_cores(out_features, in_features)} or give the factors explicitly"
         )
     return FactorPlan(tuple(outs), tuple(ins), out_features, in_features)
+
+
+def _spread_over_single_entry_cores(fixed: Sequence[int], free: Sequence[int]) -> tuple[int, ...]:
+    """Reorder ``free`` so no core is ``1 x 1``: move its real factors from cores that ``fixed`` fills anyway."""
+    out = list(free)
+    for k in range(len(out)):
+        if fixed[k] * out[k] >= 2:
+            continue
+        donor = next((j for j in range(len(out)) if out[j] > 1 and fixed[j] > 1), None)
+        if donor is None:
+            break
+        out[k], out[donor] = out[donor], out[k]
+    return tuple(out)
 
 
 def _single_entry_cores(outs: Sequence[int], ins: Sequence[int]) -> list[int]:

@@ -145,7 +145,10 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         d = self.experts.in_features
-        if x.shape[-1] != d:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            what = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"MoE expects floating-point hidden states [..., {d}], got {what}")
+        if x.ndim == 0 or x.shape[-1] != d:
             raise ValueError(f"MoE expects inputs [..., {d}], got {tuple(x.shape)}")
         lead = x.shape[:-1]
         tokens = x.reshape(-1, d)
@@ -202,9 +205,12 @@ class MoE(nn.Module):
             if dropped:
                 expert, token, combine = expert[keep], token[keep], combine[keep]
                 counts = counts.clamp(max=capacity)
-        y = self.experts(tokens.index_select(0, token), counts.tolist())  # backward: index_add_, not index_put_
-        out = y.new_zeros(T, y.shape[-1])
-        out.index_add_(0, token, y * combine.to(y.dtype).unsqueeze(-1))
+        if token.numel() == 0:  # an empty batch, or no token routed: no bank call on empty groups
+            out = tokens.new_zeros(T, self.experts.out_features)
+        else:
+            y = self.experts(tokens.index_select(0, token), counts.tolist())  # backward: index_add_, not index_put_
+            out = y.new_zeros(T, y.shape[-1])
+            out.index_add_(0, token, y * combine.to(y.dtype).unsqueeze(-1))
         reached = torch.zeros(T, dtype=torch.bool, device=tokens.device)
         reached[token] = True
         self._record(routing, counts.detach(), dropped=dropped, without=int((~reached).sum()))
