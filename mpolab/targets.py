@@ -14,14 +14,24 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .shapes import prime_factors
 from .utils import is_conv1d
 
-__all__ = ["ALL_LINEAR", "TargetModules", "find_targets", "layer_kind", "matches", "weight_matrix"]
+__all__ = [
+    "ALL_LINEAR",
+    "TargetModules",
+    "find_targets",
+    "layer_kind",
+    "matches",
+    "not_compressible_reason",
+    "weight_matrix",
+]
 
 TargetModules = str | Sequence[str]
 
@@ -136,12 +146,48 @@ def find_targets(
             )
         found.update(supported)
     found = {n: m for n, m in found.items() if not any(matches(n, p) for p in excludes)}
+    found = _drop_uncompressible(found, patterns)
     if not found:
         raise ValueError(
             f"target_modules={target_modules!r} matched no compressible module" + _near_misses(patterns, named)
         )
     order = {n: i for i, n in enumerate(named)}
     return dict(sorted(found.items(), key=lambda item: order[item[0]]))
+
+
+def not_compressible_reason(module: nn.Module) -> str | None:
+    """Why this layer's matrix cannot be an MPO of two or more cores, or ``None`` when it can.
+
+    A matrix with a zero dimension has nothing to factorise; one whose two sizes have fewer than
+    two prime factors together (``[1, 1]``, ``[1, 7]``) leaves a core of a single entry in every split.
+
+    Examples:
+        >>> not_compressible_reason(nn.Linear(1, 1))
+        'its matrix [1, 1] has fewer than two prime factors in its sizes (every MPO split has a 1x1 core)'
+    """
+    rows, cols = (int(n) for n in weight_matrix(module).shape)
+    if rows == 0 or cols == 0:
+        return f"its matrix [{rows}, {cols}] is empty (a zero-width layer)"
+    if len(prime_factors(rows)) + len(prime_factors(cols)) < 2:
+        return (
+            f"its matrix [{rows}, {cols}] has fewer than two prime factors in its sizes "
+            "(every MPO split has a 1x1 core)"
+        )
+    return None
+
+
+def _drop_uncompressible(found: dict[str, nn.Module], patterns: Sequence[str]) -> dict[str, nn.Module]:
+    """Leave out layers that cannot be MPOs, with a warning naming them; refuse one named exactly."""
+    skipped = {n: why for n, m in found.items() if (why := not_compressible_reason(m)) is not None}
+    for name, why in skipped.items():
+        if name in patterns:
+            raise ValueError(f"cannot compress {name!r}: {why}; keep it dense (remove it from target_modules)")
+    listing = "; ".join(f"{n!r}: {why}" for n, why in list(skipped.items())[:8])
+    if skipped and len(skipped) == len(found):
+        raise ValueError(f"none of the {len(found)} matched layer(s) can be an MPO: {listing}")
+    if skipped:
+        warnings.warn(f"skipping {len(skipped)} layer(s) that cannot be MPOs (kept dense): {listing}", stacklevel=3)
+    return {n: m for n, m in found.items() if n not in skipped}
 
 
 def _near_misses(patterns: Sequence[str], named: Mapping[str, nn.Module]) -> str:
