@@ -17,7 +17,7 @@ from mpolab.targets import find_targets
 from mpolab.utils import threads
 
 
-def embedding_model() -> nn.Module:
+def embedding_model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Embedding(24, 12, padding_idx=3), nn.Linear(12, 8))
 
