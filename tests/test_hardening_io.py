@@ -25,7 +25,9 @@ def embedding_model() -> nn.Sequential:
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
     model = embedding_model()
-    model[0] = MPOEmbedding.from_embedding(model[0], num_cores=3, max_rank=4)
+    embedding = model[0]
+    assert isinstance(embedding, nn.Embedding)
+    model[0] = MPOEmbedding.from_embedding(embedding, num_cores=3, max_rank=4)
     mpolab.save(model, tmp_path)
     return tmp_path
 
