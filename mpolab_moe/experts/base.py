@@ -45,6 +45,7 @@ __all__ = [
     "NeuronGroupBank",
     "SoftBank",
     "expand_per_row",
+    "chunked_ffn",
     "grouped_ffn",
     "grouped_matmul",
     "use_padded_bmm",
@@ -373,10 +374,58 @@ def grouped_ffn(
 
     Returns:
         ``[N, d_out]``.
+
+    Stacked weights (dense experts) on the per-group path run expert by expert through the
+    activation (:func:`chunked_ffn`): no ``[N, F]`` hidden tensor is concatenated and split again,
+    and the activation runs on per-expert chunks; grouped linear maps go layer by layer.
     """
+    weights = (w1, w2) if w_gate is None else (w1, w2, w_gate)
+    if all(isinstance(w, Tensor) for w in weights) and x.shape[0] and not use_padded_bmm(x, counts):
+        return chunked_ffn(x, counts, w1, w2, act, w_gate=w_gate, b1=b1, b2=b2)  # type: ignore[arg-type]
     h = _linear(w1, x, counts, b1)
     h = act(_linear(w_gate, x, counts, None)) * h if w_gate is not None else act(h)
     return _linear(w2, h, counts, b2)
+
+
+def chunked_ffn(
+    x: Tensor,
+    counts: Sequence[int],
+    w1: Tensor,
+    w2: Tensor,
+    act: Callable[[Tensor], Tensor],
+    *,
+    w_gate: Tensor | None = None,
+    b1: Tensor | None = None,
+    b2: Tensor | None = None,
+) -> Tensor:
+    """:func:`grouped_ffn` for stacked weights, one expert at a time from input to output.
+
+    Args:
+        x: ``[N, d]`` sorted by expert; counts: ``E`` group sizes summing to ``N``.
+        w1, w_gate: ``[E, d, F]``; w2: ``[E, F, d_out]``; b1: ``[E, F]``; b2: ``[E, d_out]``.
+
+    Returns:
+        ``[N, d_out]``: each expert's rows ``act(x_e W1_e + b1_e) W2_e + b2_e`` (gated:
+        ``(act(x_e Wg_e) * (x_e W1_e + b1_e)) W2_e + b2_e``), concatenated once.
+
+    The weights are unbound (views; their backward stacks the ``E`` gradients once), each chunk of
+    ``x`` is a view, and the bias adds are fused into ``addmm``.
+    """
+    E = w1.shape[0]
+    if len(counts) != E:
+        raise ValueError(f"counts has {len(counts)} groups, w1 has {E}")
+    W1, W2 = w1.unbind(0), w2.unbind(0)
+    WG = w_gate.unbind(0) if w_gate is not None else None
+    B1 = b1.unbind(0) if b1 is not None else None
+    B2 = b2.unbind(0) if b2 is not None else None
+    parts = []
+    for e, xe in enumerate(torch.split(x, list(counts))):
+        if not xe.shape[0]:
+            continue
+        h = torch.addmm(B1[e], xe, W1[e]) if B1 is not None else xe @ W1[e]
+        h = act(xe @ WG[e]) * h if WG is not None else act(h)
+        parts.append(torch.addmm(B2[e], h, W2[e]) if B2 is not None else h @ W2[e])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 class FFNBank(ExpertBank):
