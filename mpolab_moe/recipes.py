@@ -9,7 +9,8 @@ side by side.
 * **MoEfication** (Zhang et al. 2022): every FFN; balanced k-means on the normalised key rows into
   experts of 32 neurons (``E = F / 32``); a router picks ``k = 20/96`` of them (T5-base: 20 of 96).
 * **EMoE** (Qiu et al. 2023): the last two blocks; the same split into 16 experts; the frozen avg-k
-  gate, k = 4, one-score weights, capacity factor 1.5, balance loss 0.01. Gated (LLaMA) FFNs: 64
+  gate, k = 4, one-score weights, capacity factor 1.5 (in training; inference is dropless),
+  balance loss 0.01. Gated (LLaMA) FFNs: 64
   experts, k = 16, scored on the gate projection.
 * **DynMoE** (Guo et al. 2024): top-any gate over 16 slots, 8 active at the start, on upcycled
   copies of the FFN (as DynMoE's MoE-LLaVA and vision models are built), adaptive expert count.
@@ -296,7 +297,9 @@ def build_emoe(
         k: experts per token (4; gated FFNs: 16).
         one_score: every selected expert weighs 1, so ``k = E`` gives back the dense FFN.
         gate_noise: training noise ``gate_noise * N(0, 1) / E`` on the logits.
-        capacity_factor: 1.5 as EMoE (``None``: dropless).
+        capacity_factor: 1.5 as EMoE, applied in training only (``None``: dropless); inference
+            stays dropless so a sequence's output does not depend on its batch (see
+            :class:`~mpolab_moe.MoE`'s ``capacity_in_eval``).
         balance_loss_weight: 0.01.
         split: see :func:`split_ffn`.
         score: :class:`~mpolab_moe.gates.avg_k.AvgKGate`'s ``score`` (``"keys"``: for a gated FFN the
