@@ -10,8 +10,7 @@ side by side.
   experts of 32 neurons (``E = F / 32``); a router picks ``k = 20/96`` of them (T5-base: 20 of 96).
 * **EMoE** (Qiu et al. 2023): the last two blocks; the same split into 16 experts; the frozen avg-k
   gate, k = 4, one-score weights, capacity factor 1.5 (in training; inference is dropless),
-  balance loss 0.01. Gated (LLaMA) FFNs: 64
-  experts, k = 16, scored on the gate projection.
+  balance loss 0.01. Gated (LLaMA) FFNs: 64 experts, k = 16, scored on the gate projection.
 * **DynMoE** (Guo et al. 2024): top-any gate over 16 slots, 8 active at the start, on upcycled
   copies of the FFN (as DynMoE's MoE-LLaVA and vision models are built), adaptive expert count.
 
