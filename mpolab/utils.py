@@ -13,12 +13,14 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -34,6 +36,7 @@ __all__ = [
     "is_conv1d",
     "set_submodule",
     "threads",
+    "with_threads_option",
 ]
 
 
@@ -127,6 +130,26 @@ def threads(n: int | None) -> Iterator[int]:
         yield n
     finally:
         torch.set_num_threads(previous)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def with_threads_option(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` under :func:`threads` of its keyword argument ``threads`` (``None``: unchanged).
+
+    For functions that declare ``threads: int | None = None`` as a keyword-only parameter and
+    document it; the body itself need not use it.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        n = kwargs.get("threads")
+        with threads(n if n is None else check_positive_int(n, "threads")):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------- module surgery
