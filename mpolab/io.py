@@ -53,6 +53,7 @@ __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
     "HF_CONFIG_NAME",
+    "check_hf_model_folder",
     "WEIGHTS_NAME",
     "LayerRecord",
     "SavedRecord",
@@ -488,6 +489,42 @@ def _check_layer_tensors(layer: LayerRecord, tensors: Mapping[str, torch.Tensor]
             )
     elif bias_key in tensors:
         raise ValueError(f"{file} holds {bias_key!r}, but {CONFIG_NAME} records layer {layer.name!r} without bias")
+
+
+def check_hf_model_folder(path: str | os.PathLike[str]) -> Path:
+    """Check a local Hugging Face model folder before any work is spent on it (the CLI's input).
+
+    It must be a folder with a ``config.json`` holding a JSON object with a ``model_type`` and
+    safetensors weights (``model.safetensors`` or a sharded index); pickled weights
+    (``pytorch_model.bin``) are refused, since loading them would unpickle.
+
+    Raises:
+        FileNotFoundError: the folder or its ``config.json`` is missing.
+        ValueError: not a folder; an invalid ``config.json``; no weights, or only pickled ones.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist; give a local Hugging Face model folder")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file; give a local Hugging Face model folder")
+    config = folder / HF_CONFIG_NAME
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} is missing; {folder} is not a Hugging Face model folder")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise ValueError(f"{config} must be a JSON object with a 'model_type' (a transformers config)")
+    if (folder / WEIGHTS_NAME).is_file() or (folder / WEIGHTS_INDEX_NAME).is_file():
+        return folder
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise ValueError(
+            f"{folder} holds only pickled weights ({', '.join(pickled[:3])}), which mpolab never loads (unpickling "
+            "can run code); convert them to model.safetensors with a trusted tool first"
+        )
+    raise ValueError(f"{folder} holds no weights ({WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})")
 
 
 def _read_json(file: Path) -> dict[str, Any]:
