@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -406,26 +406,128 @@ def chunked_ffn(
 
     Returns:
         ``[N, d_out]``: each expert's rows ``act(x_e W1_e + b1_e) W2_e + b2_e`` (gated:
-        ``(act(x_e Wg_e) * (x_e W1_e + b1_e)) W2_e + b2_e``), concatenated once.
+        ``(act(x_e Wg_e) * (x_e W1_e + b1_e)) W2_e + b2_e``).
 
-    The weights are unbound (views; their backward stacks the ``E`` gradients once), each chunk of
-    ``x`` is a view, and the bias adds are fused into ``addmm``.
+    Each expert's output is written straight into its rows of one ``[N, d_out]`` tensor (no
+    concatenation); the activation runs on per-expert chunks. With gradients, a custom backward
+    does the same: input and weight gradients go straight into their rows and expert slices (no
+    concatenation of ``[N, F]`` hiddens, no stacking of ``E`` weight gradients); the activation's
+    derivative comes from autograd on the saved pre-activations, so any activation works.
     """
     E = w1.shape[0]
     if len(counts) != E:
         raise ValueError(f"counts has {len(counts)} groups, w1 has {E}")
-    W1, W2 = w1.unbind(0), w2.unbind(0)
-    WG = w_gate.unbind(0) if w_gate is not None else None
-    B1 = b1.unbind(0) if b1 is not None else None
-    B2 = b2.unbind(0) if b2 is not None else None
-    parts = []
-    for e, xe in enumerate(torch.split(x, list(counts))):
-        if not xe.shape[0]:
+    counts = [int(c) for c in counts]
+    if sum(counts) != x.shape[0]:
+        raise ValueError(f"counts sum to {sum(counts)}, x has {x.shape[0]} rows")
+    tensors = (x, w1, w2, w_gate, b1, b2)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        out: Tensor = _ChunkedFFN.apply(x, w1, w2, w_gate, b1, b2, counts, act)
+        return out
+    with torch.no_grad():
+        return _chunked_forward(x, w1, w2, w_gate, b1, b2, counts, act, keep=None)
+
+
+def _chunked_forward(
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    w_gate: Tensor | None,
+    b1: Tensor | None,
+    b2: Tensor | None,
+    counts: list[int],
+    act: Callable[[Tensor], Tensor],
+    keep: list[tuple[Tensor, Tensor | None]] | None,
+) -> Tensor:
+    """The expert loop; ``keep`` collects each non-empty expert's pre-activations ``(x W1 + b1, x Wg)``."""
+    out = x.new_empty(x.shape[0], w2.shape[-1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
             continue
-        h = torch.addmm(B1[e], xe, W1[e]) if B1 is not None else xe @ W1[e]
-        h = act(xe @ WG[e]) * h if WG is not None else act(h)
-        parts.append(torch.addmm(B2[e], h, W2[e]) if B2 is not None else h @ W2[e])
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+        xe, rows = x[start : start + n], out[start : start + n]
+        a = torch.addmm(b1[e], xe, w1[e]) if b1 is not None else xe @ w1[e]
+        g = xe @ w_gate[e] if w_gate is not None else None
+        h = act(g) * a if g is not None else act(a)
+        if b2 is not None:
+            torch.addmm(b2[e], h, w2[e], out=rows)
+        else:
+            torch.mm(h, w2[e], out=rows)
+        if keep is not None:
+            keep.append((a, g))
+        start += n
+    return out
+
+
+class _ChunkedFFN(torch.autograd.Function):
+    """:func:`chunked_ffn` with a backward that writes every gradient in place (no cat, no stack)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        w1: Tensor,
+        w2: Tensor,
+        w_gate: Tensor | None,
+        b1: Tensor | None,
+        b2: Tensor | None,
+        counts: list[int],
+        act: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        keep: list[tuple[Tensor, Tensor | None]] = []
+        out = _chunked_forward(x, w1, w2, w_gate, b1, b2, counts, act, keep)
+        ctx.save_for_backward(x, w1, w2, w_gate, b1, b2)
+        ctx.counts, ctx.act, ctx.keep = counts, act, keep
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, w1, w2, w_gate, b1, b2 = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        gx = torch.empty_like(x) if needs[0] else None
+        gw1 = torch.zeros_like(w1) if needs[1] else None
+        gw2 = torch.zeros_like(w2) if needs[2] else None
+        gwg = torch.zeros_like(w_gate) if w_gate is not None and needs[3] else None
+        gb1 = torch.zeros_like(b1) if b1 is not None and needs[4] else None
+        gb2 = torch.zeros_like(b2) if b2 is not None and needs[5] else None
+        grad_out = grad_out.contiguous()
+        pre = iter(ctx.keep)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
+                continue
+            a, g = next(pre)
+            xe, go = x[start : start + n], grad_out[start : start + n]
+            with torch.enable_grad():
+                a_ = a.detach().requires_grad_()
+                g_ = g.detach().requires_grad_() if g is not None else None
+                h_ = ctx.act(g_) * a_ if g_ is not None else ctx.act(a_)
+            gh = go @ w2[e].T  # [n, F]
+            if gw2 is not None:
+                torch.mm(h_.detach().T, go, out=gw2[e])
+            if gb2 is not None:
+                torch.sum(go, 0, out=gb2[e])
+            gg: Tensor | None = None
+            if g_ is not None:
+                ga, gg = torch.autograd.grad(h_, [a_, g_], gh)
+            else:
+                (ga,) = torch.autograd.grad(h_, [a_], gh)
+            if gw1 is not None:
+                torch.mm(xe.T, ga, out=gw1[e])
+            if gb1 is not None:
+                torch.sum(ga, 0, out=gb1[e])
+            if gwg is not None and gg is not None:
+                torch.mm(xe.T, gg, out=gwg[e])
+            if gx is not None:
+                rows = gx[start : start + n]
+                torch.mm(ga, w1[e].T, out=rows)
+                if gg is not None:
+                    rows.addmm_(gg, w_gate[e].T)
+            start += n
+        if gx is not None and start < x.shape[0]:  # unreachable: counts sum to N
+            gx[start:].zero_()
+        ctx.keep = None
+        return gx, gw1, gw2, gwg, gb1, gb2, None, None
 
 
 class FFNBank(ExpertBank):
