@@ -12,7 +12,13 @@ Rows:
   ``x[index == e]`` and scattered back (what many reference implementations do);
 * ``MPOE``: ``MoE(TopKGate(k=1), MPOExperts)`` upcycled from the dense FFN at exact ranks and at
   ``--max-rank`` (shared central tensor, per-expert auxiliary tensors);
-* the same MoE rows in eval (forward only, no grad), where MPOE serves cached weights.
+* the same MoE rows in eval (forward only, no grad), where MPOE serves cached weights;
+* transformers' own blocks at the same shapes, as baselines (issue 14), next to the mpolab layer
+  that does the same work: ``SwitchTransformersSparseMLP`` (top-1, ReLU, no biases, capacity
+  set to the token count so nothing is dropped) against ``MoE(TopKGate(k=1),
+  DenseExperts(bias=False))``, and Mixtral's ``MixtralSparseMoeBlock`` (top-2 renormalised,
+  SwiGLU experts, ``experts_implementation="grouped_mm"``) against ``MoE(TopKGate(k=2),
+  DenseExperts(activation="silu", gated=True, bias=False))``. Their inputs are ``[1, T, d]``.
 
 Targets (issue 4): top-1 dense MoE at least 0.7x the dense FFN's throughput; MPOE at least 0.8x
 Switch-dense's throughput with at most a quarter of its parameters; both well ahead of the loop.
@@ -84,6 +90,48 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+class SequenceInput(nn.Module):
+    """A transformers block that takes ``[batch, seq, d]``: run it on ``x [T, d]`` as one sequence."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x.unsqueeze(0))
+        return (out[0] if isinstance(out, tuple) else out).squeeze(0)
+
+
+def transformers_baselines(tokens: int) -> dict[str, nn.Module]:
+    """transformers' Switch and Mixtral blocks and the mpolab layers that do the same work."""
+    from transformers import MixtralConfig, SwitchTransformersConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    switch_cfg = SwitchTransformersConfig(
+        d_model=D_MODEL, d_ff=D_FF, num_experts=NUM_EXPERTS, expert_capacity=tokens, router_jitter_noise=0.0
+    )
+    mixtral_cfg = MixtralConfig(
+        hidden_size=D_MODEL,
+        intermediate_size=D_FF,
+        num_local_experts=NUM_EXPERTS,
+        num_experts_per_tok=2,
+        router_jitter_noise=0.0,
+        experts_implementation="grouped_mm",
+    )
+    return {
+        "transformers Switch block": SequenceInput(SwitchTransformersSparseMLP(switch_cfg)),
+        "mpolab Switch (no bias, as HF)": MoE(
+            TopKGate(D_MODEL, NUM_EXPERTS, k=1), DenseExperts(D_MODEL, D_FF, NUM_EXPERTS, bias=False)
+        ),
+        "transformers Mixtral block": SequenceInput(MixtralSparseMoeBlock(mixtral_cfg)),
+        "mpolab Mixtral-style top-2": MoE(
+            TopKGate(D_MODEL, NUM_EXPERTS, k=2),
+            DenseExperts(D_MODEL, D_FF, NUM_EXPERTS, activation="silu", gated=True, bias=False),
+        ),
+    }
+
+
 def train_step(module: nn.Module, x: torch.Tensor, with_aux: bool):
     def step() -> None:
         for p in module.parameters():
@@ -104,7 +152,9 @@ def eval_step(module: nn.Module, x: torch.Tensor):
     return step
 
 
-def build(tokens: int, max_rank: int | None, device: torch.device) -> tuple[dict[str, nn.Module], dict]:
+def build(
+    tokens: int, max_rank: int | None, device: torch.device, with_transformers: bool = True
+) -> tuple[dict[str, nn.Module], dict]:
     torch.manual_seed(0)
     up, down = nn.Linear(D_MODEL, D_FF), nn.Linear(D_FF, D_MODEL)
     dense = nn.Sequential(up, nn.ReLU(), down)
@@ -134,6 +184,11 @@ def build(tokens: int, max_rank: int | None, device: torch.device) -> tuple[dict
                 options=TruncationOptions(max_rank=rank),
             )
             modules[label] = MoE(TopKGate(D_MODEL, NUM_EXPERTS, k=1, weighting="one"), experts)
+    if with_transformers:
+        try:
+            modules.update(transformers_baselines(tokens))
+        except ImportError as err:
+            info["transformers"] = f"transformers baselines skipped: {err}"
     return {k: m.to(device) for k, m in modules.items()}, info
 
 
@@ -144,6 +199,8 @@ def main() -> None:
     parser.add_argument("--max-rank", type=int, default=64, help="bond cap of the truncated MPOE row")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only-transformers", action="store_true", help="only the transformers baseline rows")
+    parser.add_argument("--no-transformers", action="store_true", help="without transformers' blocks")
     args = parser.parse_args()
     threads = setup_threads(args.threads)
     device = torch.device(args.device)
@@ -153,7 +210,11 @@ def main() -> None:
     print(describe_environment(env))
     monitor = CpuMonitor()
     started = time.perf_counter()
-    modules, info = build(tokens, args.max_rank, device)
+    modules, info = build(tokens, args.max_rank, device, with_transformers=not args.no_transformers)
+    if args.only_transformers:
+        keep = {"dense FFN", "Switch, dense experts", *(n for n in modules if "transformers" in n or "as HF" in n)}
+        keep |= {n for n in modules if n.startswith("mpolab Mixtral")}
+        modules = {n: m for n, m in modules.items() if n in keep}
     x = torch.randn(tokens, D_MODEL, device=device)
     names = list(modules)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -162,7 +223,7 @@ def main() -> None:
         wrapped = [lambda f=f: (f(), sync()) for f in fns]
         return time_interleaved(wrapped, warmup=2, repeats=3 if args.quick else 7, budget_s=4.0 if args.quick else 20.0)
 
-    train = timed([train_step(modules[n], x, with_aux=n != "dense FFN") for n in names])
+    train = timed([train_step(modules[n], x, with_aux=isinstance(modules[n], MoE)) for n in names])
     infer = timed([eval_step(modules[n].eval(), x) for n in names])
     for m in modules.values():
         m.train()
@@ -209,8 +270,18 @@ def main() -> None:
             ratio = switch_train / by[n]["train_s"]
             share = by[n]["params"] / switch_params
             print(f"{n}: {ratio:.2f}x Switch's training throughput (target >= 0.8) with {share:.2f} of its parameters")
-    loop = by["naive per-expert loop"]["train_s"]
-    print(f"naive loop: Switch is {loop / switch_train:.2f}x faster in training")
+    if "naive per-expert loop" in by:
+        loop = by["naive per-expert loop"]["train_s"]
+        print(f"naive loop: Switch is {loop / switch_train:.2f}x faster in training")
+    for ours, theirs in (
+        ("mpolab Switch (no bias, as HF)", "transformers Switch block"),
+        ("mpolab Mixtral-style top-2", "transformers Mixtral block"),
+    ):
+        if ours in by and theirs in by:
+            print(
+                f"{ours}: {by[ours]['train_s'] / by[theirs]['train_s']:.2f}x the time of {theirs} in training, "
+                f"{by[ours]['eval_s'] / by[theirs]['eval_s']:.2f}x in eval (target <= 1.0)"
+            )
     print(busy_note(monitor.foreign_cores(), threads))
     print(end_of_run(time.perf_counter() - started))
     print(f"results: {write_json('bench_moe', {'environment': env, 'tokens': tokens, 'rows': records})}")
