@@ -154,3 +154,13 @@ def test_print_trainable_parameters_counts_as_peft(bases, capsys):
     trainable, total = theirs.get_nb_trainable_parameters()
     assert counts == {"trainable": trainable, "total": total}
     assert f"{trainable:,} of {total:,} parameters" in capsys.readouterr().out
+
+
+def test_save_pretrained_takes_the_trainers_arguments(bases, tmp_path):
+    model = mpeft.get_peft_model(copy.deepcopy(bases["llama"]), mpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path, state_dict=model.state_dict(), safe_serialization=True)  # as the Trainer calls it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    with pytest.raises(TypeError, match=r"unexpected arguments \['bogus'\]"):
+        model.save_pretrained(tmp_path, bogus=1)
+    with pytest.raises(ValueError, match="push_to_hub=True is not supported"):
+        model.save_pretrained(tmp_path, push_to_hub=True)

@@ -28,6 +28,10 @@ from .model import get_model as get_model_only
 __all__ = ["PeftModel", "add_peft_methods", "from_pretrained", "get_model", "get_peft_model", "load_adapter"]
 
 
+#: Keyword arguments of Hugging Face's / peft's ``save_pretrained`` that make no difference to an adapter folder.
+_IGNORED_SAVE_ARGS = frozenset({"state_dict", "max_shard_size", "variant", "save_peft_format", "selected_adapters"})
+
+
 def _save_pretrained(
     adapted: nn.Module,
     save_directory: str | os.PathLike[str],
@@ -35,10 +39,24 @@ def _save_pretrained(
     is_main_process: bool = True,
     safe_serialization: bool = True,
     format: SaveFormat = "peft",
+    **kwargs: Any,
 ) -> None:
-    """peft's ``model.save_pretrained(d)``: the adapter only (see :func:`~mpolab_moe.peft.save_adapter`)."""
+    """peft's ``model.save_pretrained(d)``: the adapter only (see :func:`~mpolab_moe.peft.save_adapter`).
+
+    Accepts the keyword arguments the Hugging Face ``Trainer`` passes (``state_dict``,
+    ``safe_serialization``, ``max_shard_size``, ...); the adapter's own tensors are written.
+
+    Raises:
+        ValueError: ``safe_serialization=False`` or ``push_to_hub=True``.
+        TypeError: an argument ``save_pretrained`` does not know.
+    """
     if not safe_serialization:
         raise ValueError("safe_serialization=False is not supported: adapters are saved as safetensors only")
+    if kwargs.pop("push_to_hub", False):
+        raise ValueError("push_to_hub=True is not supported: save the adapter, then upload the folder")
+    unknown = sorted(set(kwargs) - _IGNORED_SAVE_ARGS)
+    if unknown:
+        raise TypeError(f"save_pretrained got unexpected arguments {unknown}")
     if is_main_process:
         save_adapter(adapted, save_directory, format=format)
 
