@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, help="folder to save the compressed model to")
     c.add_argument("--plot", type=Path, help="write bond spectra and the error-vs-parameters curve to this PNG")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    c.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is often fastest on a busy machine)")
 
     i = sub.add_parser(
         "inspect",
@@ -77,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--ratio", type=float, default=0.5, help="fraction of the linear parameters to keep (0.5)")
     d.add_argument("--steps", type=int, default=150, help="distillation steps (150)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    d.add_argument("--threads", type=int, help="torch threads (default: torch's); printed with the time")
     return parser
 
 
@@ -85,14 +87,19 @@ def _load_model(name: str) -> tuple[Any, Any]:
         from .demo import load_minilm
 
         return load_minilm()
-    path = Path(name)
-    if not path.is_dir():
-        raise ValueError(f"{name!r} is not a model folder (or 'demo'); give a local Hugging Face model directory")
+    from .io import check_hf_model_folder
+
+    path = check_hf_model_folder(name)  # config.json and safetensors weights, before any work
     from transformers import AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    try:  # never run a folder's code, never prompt for it, never unpickle
+        model = AutoModel.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, use_safetensors=True
+        ).eval()
+    except Exception as e:  # transformers raises many types for a bad folder: one line for the user
+        raise ValueError(f"cannot load a model from {name!r}: {type(e).__name__}: {e}") from e
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
@@ -111,8 +118,10 @@ def _read_calibration(path: Path) -> list[str]:
 def _compress(args: argparse.Namespace) -> int:
     from .compress import compress
 
+    _check_options(args)
     if args.plot is not None:
         _require_matplotlib()  # before any work: a missing plotting library must not cost a compression
+        _check_plot_path(args.plot)
     if args.out is not None:
         _check_writable(args.out)
     calibration_texts = _read_calibration(args.calibration) if args.calibration is not None else None
@@ -128,11 +137,16 @@ def _compress(args: argparse.Namespace) -> int:
             str(a).endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or [])
         )
         calibration = calibration_data(
-            tokenizer, calibration_texts, num_tokens=args.calibration_tokens, seq_len=256 if packed else 128, packed=packed
+            tokenizer,
+            calibration_texts,
+            num_tokens=args.calibration_tokens,
+            seq_len=256 if packed else 128,
+            packed=packed,
         )
     report = compress(
         model,
         args.targets,
+        threads=args.threads,
         exclude_modules=args.exclude,
         ratio=args.ratio,
         max_params=args.max_params,
@@ -157,6 +171,29 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """The truncation options and ``--threads``, validated before the model is loaded."""
+    from .options import TruncationOptions
+    from .utils import check_positive_int
+
+    TruncationOptions(
+        ratio=args.ratio,
+        max_params=args.max_params,
+        rel_tol=args.rel_tol,
+        max_rank=args.max_rank,
+        num_cores=args.num_cores,
+    )
+    check_positive_int(args.threads, "--threads", allow_none=True)
+
+
+def _check_plot_path(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"--plot {path}: the folder {parent} does not exist")
+    if path.is_dir():
+        raise ValueError(f"--plot {path} is a folder; give a .png file name")
+
+
 def _check_writable(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {path} exists and is not a folder")
@@ -170,12 +207,11 @@ def _check_writable(path: Path) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .io import WEIGHTS_NAME, read_record, read_tensors
+    from .io import WEIGHTS_NAME, read_checked
 
-    saved = read_record(args.path)  # the same checks as mpolab.load
+    saved, tensors = read_checked(args.path)  # the same checks as mpolab.load
     if not saved.layers:
         raise ValueError(f"{saved.folder} holds no MPO layers")
-    tensors = read_tensors(saved.folder, "cpu")
     header = ["layer", "shape", "factors (out x in)", "ranks", "params", "% dense", "90% / 99% energy at widest bond"]
     rows = []
     total = dense_total = 0
@@ -252,8 +288,10 @@ def _plot(model: torch.nn.Module, report: Any, path: Path) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .utils import check_positive_int
 
-    run_demo(ratio=args.ratio, steps=args.steps, progress=not args.no_progress)
+    check_positive_int(args.threads, "--threads", allow_none=True)
+    run_demo(ratio=args.ratio, steps=args.steps, progress=not args.no_progress, threads=args.threads)
     return 0
 
 
@@ -264,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (ValueError, OSError, ImportError) as e:  # OSError: missing files, permissions
-        print(f"mpolab {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the library's message looked like
+        print(f"mpolab {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -33,7 +33,7 @@ from .options import TruncationOptions
 from .tables import TableReport
 from .targets import ALL_LINEAR, TargetModules, find_targets, layer_kind, matches, weight_matrix
 from .truncation import SVDBackend
-from .utils import set_submodule
+from .utils import set_submodule, with_threads_option
 
 __all__ = [
     "CompressionReport",
@@ -143,6 +143,7 @@ class CompressionReport(TableReport):
         )
 
 
+@with_threads_option
 def compress(
     model: nn.Module,
     target_modules: TargetModules = ALL_LINEAR,
@@ -164,6 +165,7 @@ def compress(
     damp: float = 1e-2,
     refit_steps: int = 0,
     sensitivity: bool = False,
+    threads: int | None = None,
 ) -> CompressionReport:
     """Replace the target layers of ``model`` by MPO layers, in place.
 
@@ -203,6 +205,8 @@ def compress(
         refit_steps: calibrated only: Adam steps per layer refitting the cores to the outputs.
         sensitivity: calibrated budgets only: weight each layer's output error by its measured
             effect on the loss (one backward pass over two calibration batches; language models).
+        threads: torch threads for the call (restored afterwards); ``None`` keeps the current
+            count. On a busy machine 1 can be much faster (small ``eigh`` calls spin-wait).
 
     Returns:
         A :class:`CompressionReport` with per-layer shapes, factors, ranks, parameters and

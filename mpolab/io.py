@@ -504,9 +504,9 @@ def check_hf_model_folder(path: str | os.PathLike[str]) -> Path:
     """
     folder = Path(path)
     if not folder.exists():
-        raise FileNotFoundError(f"{folder} does not exist; give a local Hugging Face model folder")
+        raise FileNotFoundError(f"{folder} does not exist, so it is not a model folder; give a local Hugging Face one")
     if not folder.is_dir():
-        raise ValueError(f"{folder} is a file; give a local Hugging Face model folder")
+        raise ValueError(f"{folder} is a file, not a model folder; give a local Hugging Face one")
     config = folder / HF_CONFIG_NAME
     if not config.is_file():
         raise FileNotFoundError(f"{config} is missing; {folder} is not a Hugging Face model folder")
