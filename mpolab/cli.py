@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a UTF-8 text file (one text per line) to calibrate on: data-aware compression (see docs/compress.md)",
     )
     c.add_argument("--calibration-tokens", type=int, default=16_384, help="calibration tokens to use (16384)")
-    c.add_argument("--sensitivity", action="store_true", help="weight the calibrated budget by measured sensitivity")
+    c.add_argument(
+        "--no-sensitivity", action="store_true", help="calibrated budget without the measured sensitivity weighting"
+    )
     c.add_argument("--out", type=Path, help="folder to save the compressed model to")
     c.add_argument("--plot", type=Path, help="write bond spectra and the error-vs-parameters curve to this PNG")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -155,7 +157,7 @@ def _compress(args: argparse.Namespace) -> int:
         num_cores=args.num_cores,
         progress=not args.no_progress,
         calibration=calibration,
-        sensitivity=args.sensitivity,
+        sensitivity=not args.no_sensitivity,
     )
     print(report)
     if args.out is not None:  # save first: the model is the result, the plot only a picture of it

@@ -164,7 +164,7 @@ def compress(
     blockwise: bool = False,
     damp: float = 1e-2,
     refit_steps: int = 0,
-    sensitivity: bool = False,
+    sensitivity: bool = True,
     threads: int | None = None,
 ) -> CompressionReport:
     """Replace the target layers of ``model`` by MPO layers, in place.
@@ -203,8 +203,10 @@ def compress(
             the already compressed ones (GPTQ style).
         damp: calibrated only: damping of each input Gram matrix, a fraction of its mean diagonal.
         refit_steps: calibrated only: Adam steps per layer refitting the cores to the outputs.
-        sensitivity: calibrated budgets only: weight each layer's output error by its measured
-            effect on the loss (one backward pass over two calibration batches; language models).
+        sensitivity: calibrated budgets only (default on): weight each layer's output error by
+            its measured effect on the loss (one backward pass over two calibration batches).
+            Off, relative output errors count equally, which measured worse on both real
+            models (benchmarks/bench_calibrated.py).
         threads: torch threads for the call (restored afterwards); ``None`` keeps the current
             count. On a busy machine 1 can be much faster (small ``eigh`` calls spin-wait).
 
