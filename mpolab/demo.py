@@ -83,7 +83,12 @@ def _run_demo(
     else:
         report = compress(student, "all-linear", ratio=ratio, progress=progress)
     print(report)
-    healed = heal(student, teacher, tokenizer, train, steps=steps, eval_texts=held_out, progress=progress, seed=seed)
+    # A calibrated start is already close to the teacher: heal's 1e-3 (meant for a data-free start)
+    # overshoots it (measured: 6 steps took 0.79 down to 0.74), so it heals ten times more gently.
+    lr = 1e-4 if calibrated else None
+    healed = heal(
+        student, teacher, tokenizer, train, steps=steps, lr=lr, eval_texts=held_out, progress=progress, seed=seed
+    )
     seconds = time.perf_counter() - start
     print(
         f"\nall-MiniLM-L6-v2, linear layers at {report.ratio:.1%} of their parameters, "
