@@ -54,8 +54,13 @@ from .io import (
     HF_CONFIG_NAME,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
+    MARKER_MODEL_TYPE,
     describe_layers,
+    mark_hf_config,
     read_record,
+    safe_hf_config,
+    unmark_hf_config,
+    verify_weights,
 )
 from .nn import mpo_modules
 from .utils import set_submodule
@@ -70,11 +75,6 @@ __all__ = [
     "save_pretrained",
 ]
 
-#: ``model_type`` written to ``config.json`` of a folder with mpolab layers: transformers refuses it.
-MARKER_MODEL_TYPE = "mpolab"
-#: Where the real ``model_type`` and ``dtype`` go in a marked ``config.json``.
-ORIGINAL_TYPE_KEY = "mpolab_model_type"
-ORIGINAL_DTYPE_KEY = "mpolab_dtype"
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,8 @@ class HubExtension:
 
 
 _EXTENSIONS: dict[str, HubExtension] = {}
+#: The keys of ``mpolab_config.json`` that mpolab itself writes; any other key belongs to an extension.
+_CORE_RECORD_KEYS = frozenset({"format_version", "mpolab_version", "modules", "model_class", "weights_sha256"})
 
 
 def register_extension(extension: HubExtension) -> None:
@@ -165,18 +167,8 @@ def save_pretrained(
         record["model_class"] = model_class
     record.update(extra)
     (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    hf_config = json.loads((folder / HF_CONFIG_NAME).read_text(encoding="utf-8"))
-    if hf_config.get("model_type") != MARKER_MODEL_TYPE:
-        hf_config[ORIGINAL_TYPE_KEY] = hf_config.get("model_type")
-        hf_config["model_type"] = MARKER_MODEL_TYPE
     loaders = sorted({ext.loader for key, ext in _EXTENSIONS.items() if key in extra} or {"mpolab.from_pretrained"})
-    note = f"a model with mpolab layers: load it with {' or '.join(loaders)}(folder)"
-    hf_config["mpolab_note"] = note
-    # a model class's own from_pretrained (BertModel.from_pretrained) does not check model_type; an
-    # unknown dtype stops it with an error that carries the note
-    if ORIGINAL_DTYPE_KEY not in hf_config:
-        hf_config[ORIGINAL_DTYPE_KEY] = hf_config.get("dtype")
-    hf_config["dtype"] = note
+    hf_config = mark_hf_config(json.loads((folder / HF_CONFIG_NAME).read_text(encoding="utf-8")), " or ".join(loaders))
     (folder / HF_CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
 
@@ -242,14 +234,7 @@ def _hf_config(folder: Path) -> dict[str, Any]:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON ({e})") from e
-    if config.get("model_type") == MARKER_MODEL_TYPE:
-        config["model_type"] = config.pop(ORIGINAL_TYPE_KEY, None)
-    if ORIGINAL_DTYPE_KEY in config:
-        config["dtype"] = config.pop(ORIGINAL_DTYPE_KEY)
-        if config["dtype"] is None:
-            del config["dtype"]
-    config.pop("mpolab_note", None)
-    return config
+    return safe_hf_config(unmark_hf_config(config), str(file))
 
 
 def _build(folder: Path, model_class: str | None, config: dict[str, Any]) -> nn.Module:
@@ -339,12 +324,13 @@ def from_pretrained(
         >>> model = mpolab.from_pretrained("compressed/")
     """
     saved = read_record(path)
+    verify_weights(saved)
     folder = saved.folder
     record = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     model = _build(folder, saved.model_class, _hf_config(folder))
     for name, layer in saved.layers.items():
         set_submodule(model, name, layer.empty_layer())
-    for key in sorted(set(record) - {"format_version", "mpolab_version", "modules", "model_class"}):
+    for key in sorted(set(record) - _CORE_RECORD_KEYS):
         ext = _EXTENSIONS.get(key)
         if ext is None:
             raise ValueError(

@@ -53,6 +53,7 @@ __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
     "HF_CONFIG_NAME",
+    "MARKER_MODEL_TYPE",
     "check_hf_model_folder",
     "WEIGHTS_NAME",
     "LayerRecord",
@@ -60,11 +61,13 @@ __all__ = [
     "describe_layers",
     "file_sha256",
     "load",
+    "mark_hf_config",
     "read_checked",
     "read_record",
     "read_tensors",
     "safe_hf_config",
     "save",
+    "unmark_hf_config",
     "verify_weights",
 ]
 
@@ -135,7 +138,10 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         safetensors.torch.save_model(model, str(weights), metadata={"format": "pt"})
         record["weights_sha256"] = file_sha256(weights)
         if hf_config is not None:
-            files.write_text(HF_CONFIG_NAME, hf_config.to_json_string(use_diff=True))
+            data = json.loads(hf_config.to_json_string(use_diff=True))
+            if layers:  # never a folder that transformers loads into random weights without a word
+                data = mark_hf_config(data, loaders="mpolab.load")
+            files.write_text(HF_CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
         files.write_text(CONFIG_NAME, json.dumps(record, indent=2, sort_keys=False) + "\n")
     if stale_hf_config:
         (path / HF_CONFIG_NAME).unlink(missing_ok=True)
@@ -646,10 +652,52 @@ def _build_hf_model(path: Path, name: str | None, config_file: Path) -> nn.Modul
         data = json.loads(hf_config.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-        config = config_class.from_dict(safe_hf_config(data, str(hf_config)))
+        config = config_class.from_dict(safe_hf_config(unmark_hf_config(data), str(hf_config)))
     except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"{hf_config} is not a valid {config_class.__name__} ({e})") from e
     return cls(config)
+
+
+#: ``model_type`` written to ``config.json`` of a folder with mpolab layers: transformers refuses it.
+MARKER_MODEL_TYPE = "mpolab"
+#: Where the real ``model_type`` and ``dtype`` go in a marked ``config.json``.
+ORIGINAL_TYPE_KEY = "mpolab_model_type"
+ORIGINAL_DTYPE_KEY = "mpolab_dtype"
+NOTE_KEY = "mpolab_note"
+
+
+def mark_hf_config(config: dict[str, Any], loaders: str = "mpolab.from_pretrained") -> dict[str, Any]:
+    """``config`` (a ``config.json`` dict) marked so that transformers refuses to load the folder.
+
+    ``AutoModel.from_pretrained`` refuses the unknown ``model_type`` ``"mpolab"``; a model class's
+    own ``from_pretrained`` (``BertModel.from_pretrained``) ignores ``model_type`` but stops on the
+    ``dtype``, which is set to a note naming the loader. The real values are kept under
+    ``mpolab_model_type`` / ``mpolab_dtype`` and :func:`unmark_hf_config` restores them. Marking
+    twice is the same as marking once.
+    """
+    marked = dict(config)
+    if marked.get("model_type") != MARKER_MODEL_TYPE:
+        marked[ORIGINAL_TYPE_KEY] = marked.get("model_type")
+        marked["model_type"] = MARKER_MODEL_TYPE
+    note = f"a model with mpolab layers: load it with {loaders}(folder)"
+    marked[NOTE_KEY] = note
+    if ORIGINAL_DTYPE_KEY not in marked:
+        marked[ORIGINAL_DTYPE_KEY] = marked.get("dtype")
+    marked["dtype"] = note
+    return marked
+
+
+def unmark_hf_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` dict as Hugging Face wrote it, from one marked by :func:`mark_hf_config`."""
+    plain = dict(config)
+    if plain.get("model_type") == MARKER_MODEL_TYPE:
+        plain["model_type"] = plain.pop(ORIGINAL_TYPE_KEY, None)
+    if ORIGINAL_DTYPE_KEY in plain:
+        plain["dtype"] = plain.pop(ORIGINAL_DTYPE_KEY)
+        if plain["dtype"] is None:
+            del plain["dtype"]
+    plain.pop(NOTE_KEY, None)
+    return plain
 
 
 #: ``config.json`` fields that make transformers load code (remote modules, hub kernels).
