@@ -36,7 +36,7 @@ import importlib.util
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mpolab  # noqa: E402
+from mpolab.allocate import allocate_by_output_error  # noqa: E402
 from mpolab.calibrate import (  # noqa: E402
     InputStats,
     blockwise_input_stats,
@@ -56,7 +57,6 @@ from mpolab.calibrate import (  # noqa: E402
 from mpolab.heal import fidelity, perplexity  # noqa: E402
 from mpolab.mpo import MPO  # noqa: E402
 from mpolab.utils import set_submodule  # noqa: E402
-from mpolab.allocate import allocate_by_output_error  # noqa: E402
 from mpolab.weighted import (  # noqa: E402
     Layout,
     decompose_weighted,
@@ -151,7 +151,10 @@ def svd_llm(
 
 
 def global_budget(
-    weights: Mapping[str, torch.Tensor], stats: Mapping[str, InputStats], budget: int, damp: float,
+    weights: Mapping[str, torch.Tensor],
+    stats: Mapping[str, InputStats],
+    budget: int,
+    damp: float,
     sensitivity: Mapping[str, float] | None = None,
 ) -> dict[str, int]:
     curves = {name: whitened_svd_curve(W, stats[name].gram, damp) for name, W in weights.items()}
@@ -184,7 +187,9 @@ def calibrated(
     return mpos, layouts
 
 
-def mean_output_error(weights: Mapping[str, torch.Tensor], stats: Mapping[str, InputStats], mpos: Mapping[str, MPO | None]) -> float:
+def mean_output_error(
+    weights: Mapping[str, torch.Tensor], stats: Mapping[str, InputStats], mpos: Mapping[str, MPO | None]
+) -> float:
     errs = [output_error(W, mpos[n], stats[n].gram) if mpos[n] is not None else 0.0 for n, W in weights.items()]
     return sum(errs) / len(errs)
 
@@ -218,9 +223,13 @@ def run_smollm2(args: argparse.Namespace) -> dict[str, Any]:
     print(f"statistics of {len(targets)} layers from {stats[next(iter(stats))].tokens} tokens in {stats_s:.1f} s")
 
     swap = Swap(model, targets)
-    rows: list[dict[str, Any]] = [{"method": "dense", "ratio": 1.0, "params": dense_total, "ppl": dense_ppl, "seconds": 0.0}]
+    rows: list[dict[str, Any]] = [
+        {"method": "dense", "ratio": 1.0, "params": dense_total, "ppl": dense_ppl, "seconds": 0.0}
+    ]
 
-    def record(method: str, ratio: float, mpos: dict[str, MPO | None], seconds: float, extra: dict[str, Any] | None = None) -> None:
+    def record(
+        method: str, ratio: float, mpos: dict[str, MPO | None], seconds: float, extra: dict[str, Any] | None = None
+    ) -> None:
         params = swap.install(mpos)
         value = ppl()
         swap.restore()
@@ -292,13 +301,25 @@ def run_smollm2(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             mpos = blockwise(model, targets, calib, ratio, allocation, args)
             record("cal-mpo-blockwise", ratio, mpos, time.perf_counter() - t0)
-    return {"model": "SmolLM2-135M-Instruct", "targets": len(targets), "dense_params": dense_total,
-            "calib_tokens": stats[next(iter(stats))].tokens, "eval_windows": args.windows, "rows": rows}
+    return {
+        "model": "SmolLM2-135M-Instruct",
+        "targets": len(targets),
+        "dense_params": dense_total,
+        "calib_tokens": stats[next(iter(stats))].tokens,
+        "eval_windows": args.windows,
+        "rows": rows,
+    }
 
 
 def heal_smollm2(
-    model: nn.Module, tokenizer: Any, swap: Swap, mpos: dict[str, MPO | None], ratio: float, dense_ppl: float,
-    args: argparse.Namespace, label: str = "cal-mpo+heal",
+    model: nn.Module,
+    tokenizer: Any,
+    swap: Swap,
+    mpos: dict[str, MPO | None],
+    ratio: float,
+    dense_ppl: float,
+    args: argparse.Namespace,
+    label: str = "cal-mpo+heal",
 ) -> dict[str, Any]:
     """Logit distillation of the calibrated model (MPO cores only) for at most ``--heal-seconds``."""
     from mpolab.text import news_documents
@@ -306,23 +327,48 @@ def heal_smollm2(
     teacher = copy.deepcopy(model).eval()
     params = swap.install(mpos)
     report = mpolab.heal(
-        model, teacher, tokenizer, list(news_documents("background")), steps=args.heal_steps, batch_size=4,
-        grad_accum=1, lr=args.heal_lr, max_length=256, max_seconds=args.heal_seconds, progress=False,
+        model,
+        teacher,
+        tokenizer,
+        list(news_documents("background")),
+        steps=args.heal_steps,
+        batch_size=4,
+        grad_accum=1,
+        lr=args.heal_lr,
+        max_length=256,
+        max_seconds=args.heal_seconds,
+        progress=False,
         eval_texts=list(news_documents("test"))[:8],
     )
     value = perplexity(model, tokenizer, list(news_documents("test")), seq_len=256, max_windows=args.windows)
     swap.restore()
     del teacher
-    row = {"method": label, "ratio": ratio, "params": params, "params_frac": params / sum(
-        m.weight.numel() for m in swap.originals.values()), "ppl": value, "x_dense": value / dense_ppl,
-        "mean_out_err": float("nan"), "seconds": report.seconds, "heal_steps": report.steps, "heal_tokens": report.tokens}
-    print(f"  {label:16s} ratio {ratio:.2f}: ppl {value:.3f} (x{value / dense_ppl:.3f}) after {report.steps} steps, "
-          f"{report.tokens} tokens, {report.seconds:.0f} s of healing", flush=True)
+    row = {
+        "method": label,
+        "ratio": ratio,
+        "params": params,
+        "params_frac": params / sum(m.weight.numel() for m in swap.originals.values()),
+        "ppl": value,
+        "x_dense": value / dense_ppl,
+        "mean_out_err": float("nan"),
+        "seconds": report.seconds,
+        "heal_steps": report.steps,
+        "heal_tokens": report.tokens,
+    }
+    print(
+        f"  {label:16s} ratio {ratio:.2f}: ppl {value:.3f} (x{value / dense_ppl:.3f}) after {report.steps} steps, "
+        f"{report.tokens} tokens, {report.seconds:.0f} s of healing",
+        flush=True,
+    )
     return row
 
 
 def blockwise(
-    model: nn.Module, targets: Mapping[str, nn.Module], calib: list, ratio: float, allocation: Mapping[str, int],
+    model: nn.Module,
+    targets: Mapping[str, nn.Module],
+    calib: list,
+    ratio: float,
+    allocation: Mapping[str, int],
     args: argparse.Namespace,
 ) -> dict[str, MPO | None]:
     """Block by block: each block's statistics on the outputs of the already compressed blocks.
@@ -372,10 +418,22 @@ def run_minilm(args: argparse.Namespace) -> dict[str, Any]:
             healed = report.fidelity_after
         swap.restore()
         # heal trains the installed layers in place; restore put the dense originals back untouched
-        rows.append({"method": method, "params": params, "params_frac": params / dense_total, "fidelity": fid,
-                     "fidelity_healed": healed, "seconds": seconds})
-        print(f"  MiniLM {method:16s}: params {params:,} ({params / dense_total:.3f}), fidelity {fid:.4f}"
-              + ("" if healed is None else f", healed {healed:.4f}") + f", {seconds:.1f} s", flush=True)
+        rows.append(
+            {
+                "method": method,
+                "params": params,
+                "params_frac": params / dense_total,
+                "fidelity": fid,
+                "fidelity_healed": healed,
+                "seconds": seconds,
+            }
+        )
+        print(
+            f"  MiniLM {method:16s}: params {params:,} ({params / dense_total:.3f}), fidelity {fid:.4f}"
+            + ("" if healed is None else f", healed {healed:.4f}")
+            + f", {seconds:.1f} s",
+            flush=True,
+        )
 
     ratio = args.minilm_ratio
     holder = nn.ModuleDict({n.replace(".", "_"): m for n, m in targets.items()})
@@ -407,8 +465,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4096 calibration tokens, 8 evaluation windows, ratio 0.9")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.7])
-    parser.add_argument("--methods", nargs="+",
-                        default=["plain-mpo", "plain-svd", "svd-llm", "cal-svd-global", "cal-mpo"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["plain-mpo", "plain-svd", "svd-llm", "cal-svd-global", "cal-mpo"]
+    )
     parser.add_argument("--calib-tokens", type=int, default=16_384)
     parser.add_argument("--windows", type=int, default=None, help="evaluation windows of 256 tokens (default: all)")
     parser.add_argument("--layers", type=int, default=0, help="only the first N FFN matrices (0: all)")
@@ -444,17 +503,21 @@ def main() -> None:
 def print_tables(results: Mapping[str, Any]) -> None:
     if "smollm2" in results:
         res = results["smollm2"]
-        print(f"\nSmolLM2-135M-Instruct, {res['targets']} FFN matrices ({res['dense_params']:,} params), "
-              f"calibration {res['calib_tokens']} tokens, perplexity on held-out news")
-        print(f"| method | ratio | params (frac) | ppl | x dense | x svd-llm | mean out err | seconds |")
+        print(
+            f"\nSmolLM2-135M-Instruct, {res['targets']} FFN matrices ({res['dense_params']:,} params), "
+            f"calibration {res['calib_tokens']} tokens, perplexity on held-out news"
+        )
+        print("| method | ratio | params (frac) | ppl | x dense | x svd-llm | mean out err | seconds |")
         print("|---|---|---|---|---|---|---|---|")
         ref = {r["ratio"]: r["ppl"] for r in res["rows"] if r["method"] == "svd-llm"}
         for r in res["rows"]:
             base = ref.get(r["ratio"])
             vs = f"{r['ppl'] / base:.3f}" if base else "-"
-            print(f"| {r['method']} | {r['ratio']:.2f} | {r['params']:,} ({r.get('params_frac', 1.0):.4f}) | "
-                  f"{r['ppl']:.3f} | {r.get('x_dense', 1.0):.3f} | {vs} | {r.get('mean_out_err', 0.0):.4f} | "
-                  f"{r['seconds']:.1f} |")
+            print(
+                f"| {r['method']} | {r['ratio']:.2f} | {r['params']:,} ({r.get('params_frac', 1.0):.4f}) | "
+                f"{r['ppl']:.3f} | {r.get('x_dense', 1.0):.3f} | {vs} | {r.get('mean_out_err', 0.0):.4f} | "
+                f"{r['seconds']:.1f} |"
+            )
     if "minilm" in results:
         res = results["minilm"]
         print(f"\nall-MiniLM-L6-v2, all linear layers at ratio {res['ratio']} ({res['dense_params']:,} params)")
@@ -462,7 +525,10 @@ def print_tables(results: Mapping[str, Any]) -> None:
         print("|---|---|---|---|---|")
         for r in res["rows"]:
             healed = "-" if r["fidelity_healed"] is None else f"{r['fidelity_healed']:.4f}"
-            print(f"| {r['method']} | {r['params']:,} ({r['params_frac']:.3f}) | {r['fidelity']:.4f} | {healed} | {r['seconds']:.1f} |")
+            print(
+                f"| {r['method']} | {r['params']:,} ({r['params_frac']:.3f}) | {r['fidelity']:.4f} | {healed} "
+                f"| {r['seconds']:.1f} |"
+            )
 
 
 if __name__ == "__main__":

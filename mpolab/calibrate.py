@@ -69,7 +69,9 @@ class InputStats:
     def merge(self, other: InputStats) -> InputStats:
         """The statistics of both token sets together."""
         if other.gram.shape != self.gram.shape:
-            raise ValueError(f"cannot merge Gram matrices of shapes {tuple(self.gram.shape)} and {tuple(other.gram.shape)}")
+            raise ValueError(
+                f"cannot merge Gram matrices of shapes {tuple(self.gram.shape)} and {tuple(other.gram.shape)}"
+            )
         return InputStats(self.gram + other.gram.to(self.gram.device), self.tokens + other.tokens)
 
 
@@ -227,12 +229,13 @@ def _in_features(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.in_features
     if is_conv1d(module):
-        return int(module.weight.shape[0])
+        return int(module.get_parameter("weight").shape[0])
     in_features = getattr(module, "in_features", None)
     if isinstance(in_features, int):
         return in_features
     raise TypeError(
-        f"input statistics need an nn.Linear, a transformers Conv1D or a layer with in_features, got {type(module).__name__}"
+        "input statistics need an nn.Linear, a transformers Conv1D or a layer with in_features, "
+        f"got {type(module).__name__}"
     )
 
 
@@ -259,7 +262,8 @@ class _Collector:
         self._handles: list[Any] = []
         for name, module in self.targets.items():
             d = _in_features(module)
-            device = module.weight.device if getattr(module, "weight", None) is not None else torch.device("cpu")
+            weight = getattr(module, "weight", None)
+            device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
             self.stats[name] = InputStats(torch.zeros(d, d, dtype=torch.float64, device=device), 0)
 
     def __enter__(self) -> _Collector:

@@ -34,8 +34,8 @@ from .shapes import plan_factors
 from .targets import weight_matrix
 from .weighted import (
     DEFAULT_DAMP,
-    Layout,
     LayerChoice,
+    Layout,
     decompose_weighted,
     layout_candidates,
     output_error,
@@ -94,7 +94,7 @@ def find_blocks(model: nn.Module, targets: Mapping[str, nn.Module]) -> tuple[str
             "blockwise calibration needs the targets inside a stack of blocks (an nn.ModuleList such as "
             "model.layers or encoder.layer); none holds any target: use blockwise=False"
         )
-    return best_name, list(model.get_submodule(best_name))
+    return best_name, list(model.get_submodule(best_name).children())
 
 
 def _block_of(name: str, stack: str) -> int | None:
@@ -129,9 +129,7 @@ def _choose(
     num_cores = options.num_cores or 5
     candidates = _candidates(W, layout, num_cores)
     if params is not None:
-        return search_layouts(
-            W, stats.gram, params, candidates=candidates, damp=damp, refit_steps=refit_steps
-        )
+        return search_layouts(W, stats.gram, params, candidates=candidates, damp=damp, refit_steps=refit_steps)
     # Per-layer limits. With rel_tol: the candidate meeting it with the fewest parameters (the
     # smallest error if caps keep every candidate above it); max_rank alone: the smallest error.
     # Dense when the winner is not smaller than the dense weight.
@@ -140,8 +138,13 @@ def _choose(
     for lay in candidates:
         try:
             mpo = decompose_weighted(
-                W, stats.gram, layout=lay, rel_tol=options.rel_tol, max_rank=_per_layout_rank(options.max_rank, lay),
-                damp=damp, refit_steps=refit_steps,
+                W,
+                stats.gram,
+                layout=lay,
+                rel_tol=options.rel_tol,
+                max_rank=_per_layout_rank(options.max_rank, lay),
+                damp=damp,
+                refit_steps=refit_steps,
             )
         except ValueError:
             continue
@@ -160,7 +163,7 @@ def _choose(
     return best
 
 
-def _per_layout_rank(max_rank: int | tuple[int, ...] | None, layout: Layout) -> int | tuple[int, ...] | None:
+def _per_layout_rank(max_rank: int | Sequence[int] | None, layout: Layout) -> int | Sequence[int] | None:
     """A per-bond ``max_rank`` only fits layouts with as many bonds; an int caps every layout."""
     if max_rank is None or isinstance(max_rank, int):
         return max_rank
@@ -261,7 +264,9 @@ def plan_calibrated(
         if b is not None:
             per_block[b][n] = m
     if outside:
-        raise ValueError(f"blockwise: target(s) {outside[:3]} are outside the block stack {stack!r}; use blockwise=False")
+        raise ValueError(
+            f"blockwise: target(s) {outside[:3]} are outside the block stack {stack!r}; use blockwise=False"
+        )
     from .utils import set_submodule
 
     installed: dict[str, nn.Module] = {}
@@ -288,4 +293,3 @@ def _maybe_progress(items: list[str], enabled: bool) -> Iterable[str]:
     from tqdm.auto import tqdm
 
     return tqdm(items, desc="calibrated layouts", unit="layer")
-

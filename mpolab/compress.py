@@ -264,11 +264,12 @@ def compress(
     elif opts.has_budget:
         budget = opts.budget_for(sum(w.numel() for w in weights.values()))
         assert budget is not None
-        mpos = {n: decompose(weights[n], options=plans[n]) for n in fixed}  # they count against the budget
-        free = [n for n in plans if n not in fixed]
-        spectra = {n: layer_spectrum(weights[n], plans[n]) for n in _progress(free, progress, "spectra")}
-        allocated = allocate_ranks(spectra, budget - sum(m.num_params for m in mpos.values()))
-        for n in free:
+        fixed_mpos = {n: decompose(weights[n], options=plans[n]) for n in fixed}  # they count against the budget
+        mpos.update(fixed_mpos)
+        to_allocate = [n for n in plans if n not in fixed]
+        spectra = {n: layer_spectrum(weights[n], plans[n]) for n in _progress(to_allocate, progress, "spectra")}
+        allocated = allocate_ranks(spectra, budget - sum(m.num_params for m in fixed_mpos.values()))
+        for n in to_allocate:
             plans[n] = plans[n].replace(max_rank=tuple(allocated[n]))
 
     # Build every replacement first, then install them all: an error leaves the model untouched.

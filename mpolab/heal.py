@@ -53,8 +53,9 @@ DEFAULT_MAX_LENGTH = 64
 def _backbone(model: nn.Module) -> nn.Module:
     """The part that maps token ids to hidden states (the encoder of an encoder-decoder)."""
     config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
-        return model.get_encoder()
+    get_encoder = getattr(model, "get_encoder", None)
+    if getattr(config, "is_encoder_decoder", False) and callable(get_encoder):
+        return get_encoder()
     return model
 
 
@@ -138,7 +139,9 @@ def fidelity(
     return float((a * b).sum(-1).mean())
 
 
-def token_windows(tokenizer: Any, texts: Sequence[str], seq_len: int = 256, max_windows: int | None = None) -> torch.Tensor:
+def token_windows(
+    tokenizer: Any, texts: Sequence[str], seq_len: int = 256, max_windows: int | None = None
+) -> torch.Tensor:
     """``[N, seq_len]`` token ids: ``texts`` joined (EOS between texts when the tokenizer has one), cut into windows.
 
     Raises:
@@ -219,7 +222,10 @@ HealLoss = Literal["auto", "hidden", "logits"]
 #: Defaults per distillation loss: ``(trainable, others, lr)``. Hidden-state matching (encoders)
 #: keeps MPOP's recipe; logit distillation (language models) trains only the MPO cores, at a
 #: learning rate that does not wreck a pretrained LLM (embeddings, norms and attention stay as they are).
-_DEFAULTS: dict[str, tuple[Trainable, bool, float]] = {"hidden": ("auxiliary", True, 1e-3), "logits": ("all", False, 1e-4)}
+_DEFAULTS: dict[str, tuple[Trainable, bool, float]] = {
+    "hidden": ("auxiliary", True, 1e-3),
+    "logits": ("all", False, 1e-4),
+}
 
 
 @dataclass
@@ -257,7 +263,8 @@ def _is_language_model(model: nn.Module) -> bool:
     """A causal LM or an encoder-decoder with an LM head (returns token logits)."""
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
-        return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+        get_output_embeddings = getattr(model, "get_output_embeddings", None)
+        return callable(get_output_embeddings) and get_output_embeddings() is not None
     names = getattr(config, "architectures", None) or [type(model).__name__]
     return any(str(n).endswith(("ForCausalLM", "LMHeadModel")) for n in names) or type(model).__name__.endswith(
         ("ForCausalLM", "LMHeadModel")
@@ -386,12 +393,13 @@ def heal(
                 rows = order[:batch_size]
                 del order[:batch_size]
                 if windows is not None:
-                    batch = {"input_ids": windows[rows].to(device), "attention_mask": torch.ones_like(windows[rows]).to(device)}
+                    ids = windows[rows].to(device)
+                    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
                 else:
                     batch = _tokenize(tokenizer, [texts[i] for i in rows], max_length, device)
-                value = _micro_step(student, teacher, batch, kind, temperature) / grad_accum
-                value.backward()
-                step_loss += float(value.detach())
+                micro_loss = _micro_step(student, teacher, batch, kind, temperature) / grad_accum
+                micro_loss.backward()
+                step_loss += float(micro_loss.detach())
                 tokens += int(batch["attention_mask"].sum())
             optimizer.step()
             schedule.step()

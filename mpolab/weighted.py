@@ -34,7 +34,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -324,9 +324,7 @@ def _whiten(
     return A.reshape(W.shape), inverses
 
 
-def output_error(
-    W: torch.Tensor, approx: MPO | torch.Tensor, gram: torch.Tensor, *, relative: bool = True
-) -> float:
+def output_error(W: torch.Tensor, approx: MPO | torch.Tensor, gram: torch.Tensor, *, relative: bool = True) -> float:
     """Output error ``‖(W - Ŵ) Xᵀ‖_F`` (``relative``: divided by ``‖W Xᵀ‖_F``), from ``G = XᵀX``.
 
     ``approx`` is an :class:`MPO` or a dense ``[out, in]`` matrix. Computed in float64 as
@@ -435,9 +433,9 @@ def search_layouts(
     Every candidate (default :func:`layout_candidates`, the SVD-equivalent layout always added)
     is decomposed with :func:`decompose_weighted` at the budget and ranked by its relative output
     error on the damped Gram (the criterion the whitened sweep minimises; ``errors``), the
-    winner's ``error`` is then measured with :func:`output_error` on the undamped ``gram``. A layer whose budget reaches its dense size
-    stays dense (error 0) when ``allow_dense``. Candidates whose rank-1 MPO does not fit are
-    skipped; if none fits, ``ValueError``.
+    winner's ``error`` is then measured with :func:`output_error` on the undamped ``gram``. A layer
+    whose budget reaches its dense size stays dense (error 0) when ``allow_dense``. Candidates
+    whose rank-1 MPO does not fit are skipped; if none fits, ``ValueError``.
     """
     _check_pair(W, gram)
     out_features, in_features = W.shape
@@ -467,7 +465,9 @@ def search_layouts(
         if best is None or err < best.error:
             best = LayerChoice(mpo, layout.name, mpo.num_params, err)
     if best is None:
-        raise ValueError(f"max_params={max_params} is below every candidate layout's smallest MPO for W {list(W.shape)}")
+        raise ValueError(
+            f"max_params={max_params} is below every candidate layout's smallest MPO for W {list(W.shape)}"
+        )
     best.errors = errors
     assert best.mpo is not None
     best.error = output_error(W, best.mpo, gram)  # reported on the undamped statistics

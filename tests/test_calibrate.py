@@ -13,8 +13,13 @@ from mpolab.calibrate import InputStats, blockwise_input_stats, calibration_data
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=120, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=120,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -22,7 +27,10 @@ def tiny_llama() -> LlamaForCausalLM:
 def batches(n: int = 3, rows: int = 2, length: int = 16, vocab: int = 120) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     return [
-        {"input_ids": torch.randint(0, vocab, (rows, length), generator=g), "attention_mask": torch.ones(rows, length, dtype=torch.long)}
+        {
+            "input_ids": torch.randint(0, vocab, (rows, length), generator=g),
+            "attention_mask": torch.ones(rows, length, dtype=torch.long),
+        }
         for _ in range(n)
     ]
 
@@ -30,8 +38,12 @@ def batches(n: int = 3, rows: int = 2, length: int = 16, vocab: int = 120) -> li
 def recorded_inputs(model, modules, data):
     """Reference: every input stored (what the collector must avoid doing)."""
     seen = {n: [] for n in modules}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen[n].append(args[0].reshape(-1, args[0].shape[-1]).double()))
-             for n, m in modules.items()]
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda mod, args, n=n: seen[n].append(args[0].reshape(-1, args[0].shape[-1]).double())
+        )
+        for n, m in modules.items()
+    ]
     with torch.no_grad():
         for b in data:
             model(**b, use_cache=False)
@@ -43,7 +55,12 @@ def recorded_inputs(model, modules, data):
 def test_gram_equals_x_transpose_x_for_every_target():
     model = tiny_llama()
     layer = model.model.layers[1]
-    targets = {"up": layer.mlp.up_proj, "gate": layer.mlp.gate_proj, "down": layer.mlp.down_proj, "q": layer.self_attn.q_proj}
+    targets = {
+        "up": layer.mlp.up_proj,
+        "gate": layer.mlp.gate_proj,
+        "down": layer.mlp.down_proj,
+        "q": layer.self_attn.q_proj,
+    }
     data = batches()
     stats = collect_input_stats(model, targets, data, gram_dtype=torch.float64)
     X = recorded_inputs(model, targets, data)
@@ -67,7 +84,9 @@ def test_padding_is_left_out():
     a = collect_input_stats(model, target, full, gram_dtype=torch.float64, min_tokens_factor=0)["down"]
     b = collect_input_stats(model, target, [padded], gram_dtype=torch.float64, min_tokens_factor=0)["down"]
     assert a.tokens == b.tokens == 10
-    torch.testing.assert_close(a.gram, b.gram, rtol=1e-5, atol=1e-6)  # causal: padding at the end changes nothing before it
+    torch.testing.assert_close(
+        a.gram, b.gram, rtol=1e-5, atol=1e-6
+    )  # causal: padding at the end changes nothing before it
 
 
 def test_gpt2_conv1d_layers():
@@ -85,7 +104,9 @@ def test_blockwise_without_changes_equals_all_at_once():
     per_block = [{f"{b}.{k}": getattr(blocks[b].mlp, k) for k in ("up_proj", "down_proj")} for b in range(2)]
     seen: dict[str, InputStats] = {}
     blockwise_input_stats(model, blocks, per_block, data, lambda b, stats: seen.update(stats), gram_dtype=torch.float64)
-    together = collect_input_stats(model, {k: v for d in per_block for k, v in d.items()}, data, gram_dtype=torch.float64)
+    together = collect_input_stats(
+        model, {k: v for d in per_block for k, v in d.items()}, data, gram_dtype=torch.float64
+    )
     assert set(seen) == set(together)
     for name in together:
         assert seen[name].tokens == together[name].tokens
@@ -186,7 +207,9 @@ def test_calibrated_compress_beats_plain_at_the_same_budget():
     assert ffn_output_error(calibrated, teacher, data) < ffn_output_error(plain, teacher, data)
     assert plain_report.params_after <= int(0.5 * report.params_before)
     # every MPO layer is a plain MPOLinear
-    assert all(isinstance(calibrated.get_submodule(r.name), mpolab.MPOLinear) for r in report.layers if r.layout != "dense")
+    assert all(
+        isinstance(calibrated.get_submodule(r.name), mpolab.MPOLinear) for r in report.layers if r.layout != "dense"
+    )
 
 
 def test_calibrated_compress_keeps_dense_when_an_mpo_is_not_smaller_and_blockwise_runs():
@@ -202,7 +225,9 @@ def test_calibrated_compress_keeps_dense_when_an_mpo_is_not_smaller_and_blockwis
     assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
     assert "kept dense" in str(report)
     blockwise = copy.deepcopy(teacher)
-    report = mpolab.compress(blockwise, ["gate_proj", "up_proj", "down_proj"], ratio=0.6, calibration=data, blockwise=True)
+    report = mpolab.compress(
+        blockwise, ["gate_proj", "up_proj", "down_proj"], ratio=0.6, calibration=data, blockwise=True
+    )
     assert report.params_after <= int(0.6 * report.params_before)
     with torch.no_grad():
         assert torch.isfinite(blockwise(**data[0]).logits).all()
@@ -243,7 +268,9 @@ def test_sensitivity_weighted_budget():
     import mpolab
 
     model = copy.deepcopy(tiny_llama())
-    report = mpolab.compress(model, ["gate_proj", "up_proj", "down_proj"], ratio=0.5, calibration=batches(2), sensitivity=True)
+    report = mpolab.compress(
+        model, ["gate_proj", "up_proj", "down_proj"], ratio=0.5, calibration=batches(2), sensitivity=True
+    )
     assert report.params_after <= int(0.5 * report.params_before)
 
 
@@ -253,8 +280,21 @@ def test_cli_compress_with_a_calibration_file(tmp_path, capsys):
 
     text = tmp_path / "calib.txt"
     text.write_text("\n".join(train_eval_sentences(60, 4)[0]), encoding="utf-8")
-    code = cli.main(["compress", "demo", "--targets", "intermediate.dense", "--ratio", "0.6",
-                     "--calibration", str(text), "--calibration-tokens", "1024", "--no-progress"])
+    code = cli.main(
+        [
+            "compress",
+            "demo",
+            "--targets",
+            "intermediate.dense",
+            "--ratio",
+            "0.6",
+            "--calibration",
+            str(text),
+            "--calibration-tokens",
+            "1024",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "output error" in out and "layout" in out
     assert cli.main(["compress", "demo", "--ratio", "0.5", "--calibration", str(tmp_path / "missing.txt")]) == 2

@@ -49,7 +49,7 @@ def test_output_error_matches_the_recorded_outputs(problem):
     assert output_error(W, W, G) == 0.0
 
 
-@pytest.mark.parametrize("layout", layout_candidates(OUT, IN), ids=lambda l: l.name)
+@pytest.mark.parametrize("layout", layout_candidates(OUT, IN), ids=lambda layout: layout.name)
 def test_calibrated_error_is_no_larger_than_plain_at_the_same_ranks(problem, layout):
     W, X, G = problem
     plain = mpolab.decompose(W, out_factors=layout.out_factors, in_factors=layout.in_factors, max_rank=4)
@@ -62,7 +62,7 @@ def test_calibrated_error_is_no_larger_than_plain_at_the_same_ranks(problem, lay
     assert layer(torch.randn(3, IN)).shape == (3, OUT)
 
 
-@pytest.mark.parametrize("layout", layout_candidates(OUT, IN), ids=lambda l: l.name)
+@pytest.mark.parametrize("layout", layout_candidates(OUT, IN), ids=lambda layout: layout.name)
 def test_exact_ranks_reconstruct_w(problem, layout):
     W, _, G = problem
     mpo = decompose_weighted(W, G, layout=layout)
@@ -102,8 +102,9 @@ def test_kronecker_whitening_is_exact_for_kronecker_statistics():
     W = torch.randn(OUT, IN, dtype=torch.float64)
     layout = Layout((6, 8), (4, 6))
     sigmas = kronecker_factors(G, layout.in_factors, damp=0.0)
-    torch.testing.assert_close(torch.kron(sigmas[0], sigmas[1]) / float(torch.kron(sigmas[0], sigmas[1])[0, 0]),
-                               G / float(G[0, 0]))
+    torch.testing.assert_close(
+        torch.kron(sigmas[0], sigmas[1]) / float(torch.kron(sigmas[0], sigmas[1])[0, 0]), G / float(G[0, 0])
+    )
     mpo = decompose_weighted(W, G, layout=layout, max_rank=6, damp=0.0)
     # the whitened truncation error is the output error when G is exactly a Kronecker product
     assert mpo.truncation_error == pytest.approx(output_error(W, mpo, G), rel=1e-6)
