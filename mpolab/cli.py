@@ -74,13 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo",
         help="the main job: compress all-MiniLM-L6-v2 to half and heal it",
-        description="Compress the real all-MiniLM-L6-v2 to half of its linear parameters with the global "
-        "allocation, heal it by distillation on real sentences, and print the fidelity before and after.",
+        description="Compress the real all-MiniLM-L6-v2 to half of its linear parameters with calibrated "
+        "compression (input statistics and measured sensitivity from its training sentences), heal it by "
+        "distillation on real sentences, and print the fidelity before and after.",
     )
     d.add_argument("--ratio", type=float, default=0.5, help="fraction of the linear parameters to keep (0.5)")
     d.add_argument("--steps", type=int, default=150, help="distillation steps (150)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     d.add_argument("--threads", type=int, help="torch threads (default: torch's); printed with the time")
+    d.add_argument(
+        "--data-free", action="store_true", help="the data-free path (spectra-based allocation, no calibration)"
+    )
     return parser
 
 
@@ -293,7 +297,13 @@ def _demo(args: argparse.Namespace) -> int:
     from .utils import check_positive_int
 
     check_positive_int(args.threads, "--threads", allow_none=True)
-    run_demo(ratio=args.ratio, steps=args.steps, progress=not args.no_progress, threads=args.threads)
+    run_demo(
+        ratio=args.ratio,
+        steps=args.steps,
+        progress=not args.no_progress,
+        calibrated=not args.data_free,
+        threads=args.threads,
+    )
     return 0
 
 

@@ -132,3 +132,15 @@ def test_inspect_help_shows_single_percent_signs(capsys):
         cli.main(["inspect", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "90% / 99%" in text and "%%" not in text
+
+
+def test_demo_data_free_flag_reaches_run_demo(monkeypatch):
+    import mpolab.demo
+
+    seen: dict = {}
+    monkeypatch.setattr(mpolab.demo, "run_demo", lambda **kwargs: seen.update(kwargs))
+    assert cli.main(["demo", "--data-free", "--steps", "3", "--no-progress"]) == 0
+    assert seen["calibrated"] is False and seen["steps"] == 3 and seen["progress"] is False
+    seen.clear()
+    assert cli.main(["demo", "--steps", "3"]) == 0
+    assert seen["calibrated"] is True
