@@ -88,3 +88,9 @@ def inputs_for(name: str, batch: int = 2, length: int = 7) -> dict[str, torch.Te
 
 def main_output(model: nn.Module, out) -> torch.Tensor:  # noqa: ANN001
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def output_for(model: nn.Module, family: str) -> torch.Tensor:
+    """The main output tensor of ``model`` (a ``family`` model) on :func:`inputs_for`, without gradients."""
+    with torch.no_grad():
+        return main_output(model, model(**inputs_for(family)))

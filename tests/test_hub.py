@@ -22,13 +22,7 @@ from mpolab_moe import peft as mpeft
 from mpolab_moe.convert import moefy as moefy_unrecorded
 from tests._hf import inputs_for, main_output, tiny_bert, tiny_gpt2
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _out(model: nn.Module, family: str) -> torch.Tensor:

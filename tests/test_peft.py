@@ -16,7 +16,7 @@ from mpolab_moe import MoE
 from mpolab_moe import peft as mpeft
 from mpolab_moe.peft.layers import IA3Layer, LoRALayer
 from mpolab_moe.peft.model import CONFIG_ATTR
-from tests._hf import FAMILIES, inputs_for, main_output
+from tests._hf import FAMILIES, inputs_for, main_output, output_for
 
 METHODS = {
     "lora": mpeft.LoRAConfig,
@@ -26,24 +26,13 @@ METHODS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine idle-spinning threads cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bases() -> dict[str, nn.Module]:
     torch.manual_seed(0)
     return {name: make() for name, make in FAMILIES.items()}
-
-
-def _out(model: nn.Module, family: str) -> torch.Tensor:
-    with torch.no_grad():
-        return main_output(model, model(**inputs_for(family)))
 
 
 def _perturb(model: nn.Module, scale: float = 0.3) -> None:
@@ -64,7 +53,7 @@ def test_identity_at_init_and_only_adapters_get_gradients(bases, family, method)
     routed = method in ("molora", "mov")
     assert all((layer.router is not None) == routed for layer in layers.values())
     # Same outputs as the base model at step 0 (LoRA's B = 0, IA3 vectors = 1, softmax weights sum to 1).
-    torch.testing.assert_close(_out(model, family), _out(base, family), rtol=0, atol=1e-5)
+    torch.testing.assert_close(output_for(model, family), output_for(base, family), rtol=0, atol=1e-5)
 
     model.train()
     main_output(model, model(**inputs_for(family))).float().pow(2).mean().backward()
@@ -93,26 +82,26 @@ def test_identity_at_init_and_only_adapters_get_gradients(bases, family, method)
 def test_merged_outputs_equal_unmerged(bases, family, method):
     model = mpeft.get_model(copy.deepcopy(bases[family]), METHODS[method]())
     _perturb(model)
-    before = _out(model, family)
-    assert not torch.allclose(before, _out(bases[family], family), atol=1e-3)  # the adapters do something
+    before = output_for(model, family)
+    assert not torch.allclose(before, output_for(bases[family], family), atol=1e-3)  # the adapters do something
     merged = mpeft.merge_and_unload(model)
     assert not mpeft.adapter_layers(merged)
     assert not any(isinstance(m, (LoRALayer, IA3Layer)) for m in merged.modules())
-    torch.testing.assert_close(_out(merged, family), before, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(output_for(merged, family), before, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["molora", "mov"])
 def test_merging_a_routed_mixture_names_the_module_and_changes_nothing(bases, method):
     model = mpeft.get_model(copy.deepcopy(bases["t5"]), METHODS[method]())
     _perturb(model)
-    before = _out(model, "t5")
+    before = output_for(model, "t5")
     with pytest.raises(
         ValueError,
         match=r"adapter of encoder\.block\.0\.layer\.0\.SelfAttention\.\w+: it is a routed mixture of 4 experts",
     ):
         mpeft.merge_and_unload(model)
     assert mpeft.adapter_layers(model)
-    torch.testing.assert_close(_out(model, "t5"), before, rtol=0, atol=0)
+    torch.testing.assert_close(output_for(model, "t5"), before, rtol=0, atol=0)
 
 
 def test_gpt2_fused_c_attn_mov_scales_only_keys_and_values(bases):
@@ -208,11 +197,11 @@ def test_load_into_other_shapes_names_the_module_and_shapes(bases, tmp_path):
 def test_molora_on_an_mpo_compressed_model_trains_only_the_adapters(bases):
     model = copy.deepcopy(bases["bert"])
     mpolab.compress(model, "all-linear", max_rank=4)
-    compressed = _out(model, "bert")
+    compressed = output_for(model, "bert")
     model = mpeft.get_model(model, mpeft.MoLoRAConfig(r=2, num_experts=3, target_modules="all-linear"))
     layers = mpeft.adapter_layers(model)
     assert len(layers) == 13 and all(isinstance(m.base_layer, mpolab.MPOLinear) for m in layers.values())
-    torch.testing.assert_close(_out(model, "bert"), compressed, rtol=0, atol=1e-5)
+    torch.testing.assert_close(output_for(model, "bert"), compressed, rtol=0, atol=1e-5)
 
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -294,7 +283,7 @@ def test_save_load_round_trip_every_method_on_gpt2(bases, method, tmp_path):
     assert {n: m.describe() for n, m in mpeft.adapter_layers(loaded).items()} == {
         n: m.describe() for n, m in mpeft.adapter_layers(model).items()
     }
-    torch.testing.assert_close(_out(loaded, "gpt2"), _out(model, "gpt2"), rtol=0, atol=0)
+    torch.testing.assert_close(output_for(loaded, "gpt2"), output_for(model, "gpt2"), rtol=0, atol=0)
 
 
 def test_saved_adapter_files_get_ordinary_permissions(bases, tmp_path):
@@ -320,13 +309,13 @@ def test_format_1_adapters_still_load(bases, tmp_path):
     record = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**record, "format_version": 1}))
     loaded = mpeft.load_adapter(copy.deepcopy(bases["gpt2"]), tmp_path)
-    torch.testing.assert_close(_out(loaded, "gpt2"), _out(model, "gpt2"), rtol=0, atol=0)
+    torch.testing.assert_close(output_for(loaded, "gpt2"), output_for(model, "gpt2"), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_adapters_are_moe_layers_with_routing_statistics(bases, method):
     model = mpeft.get_model(copy.deepcopy(bases["t5"]), METHODS[method]())
-    _out(model, "t5")
+    output_for(model, "t5")
     for layer in mpeft.adapter_layers(model).values():
         assert isinstance(layer.moe, MoE)
         stats = layer.moe.last_stats

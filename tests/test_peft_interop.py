@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mpolab_moe import peft as mpeft
-from tests._hf import FAMILIES, inputs_for, main_output
+from tests._hf import FAMILIES, output_for
 
 peft = pytest.importorskip("peft")
 
@@ -21,23 +21,13 @@ peft = pytest.importorskip("peft")
 LORA_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "t5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bases() -> dict[str, nn.Module]:
     torch.manual_seed(0)
     return {name: make() for name, make in FAMILIES.items()}
-
-
-def _out(model: nn.Module, family: str) -> torch.Tensor:
-    with torch.no_grad():
-        return main_output(model, model(**inputs_for(family)))
 
 
 def _perturb(model: nn.Module, seed: int = 3) -> None:
@@ -73,10 +63,11 @@ def test_same_counts_outputs_and_merged_weights_as_peft(bases, tmp_path, family,
     assert set(mpeft.adapter_layers(ours)) == {n for n in theirs_names if not n.endswith("base_layer")}
 
     _perturb(ours)
-    assert not torch.allclose(_out(ours, family), _out(bases[family], family), atol=1e-3)  # a non-trivial adapter
+    base_out = output_for(bases[family], family)
+    assert not torch.allclose(output_for(ours, family), base_out, atol=1e-3)  # a non-trivial adapter
     ours.save_pretrained(tmp_path)  # peft's format by default
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(bases[family]), tmp_path)
-    torch.testing.assert_close(_out(loaded, family), _out(ours, family), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output_for(loaded, family), output_for(ours, family), rtol=1e-5, atol=1e-5)
 
     merged_ours = ours.merge_and_unload()
     merged_theirs = loaded.merge_and_unload()
@@ -94,12 +85,12 @@ def test_peft_folders_load_into_mpolab(bases, tmp_path, family, method):
     _perturb(theirs, seed=5)
     theirs.save_pretrained(tmp_path)
     ours = mpeft.PeftModel.from_pretrained(copy.deepcopy(bases[family]), tmp_path)
-    torch.testing.assert_close(_out(ours, family), _out(theirs, family), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output_for(ours, family), output_for(theirs, family), rtol=1e-5, atol=1e-5)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     # and back out: peft reads what mpolab writes of a peft-authored adapter
     ours.save_pretrained(tmp_path / "again")
     again = peft.PeftModel.from_pretrained(copy.deepcopy(bases[family]), tmp_path / "again")
-    torch.testing.assert_close(_out(again, family), _out(theirs, family), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output_for(again, family), output_for(theirs, family), rtol=1e-5, atol=1e-5)
 
 
 def test_peft_config_objects_mean_the_same_adapters(bases):
@@ -145,7 +136,7 @@ def test_mixtures_use_peft_layout_with_their_own_marker_and_peft_refuses(bases, 
     with pytest.raises((KeyError, ValueError), match=f"MPOLAB_{method.upper()}"):
         peft.PeftModel.from_pretrained(copy.deepcopy(bases["gpt2"]), tmp_path)
     loaded = mpeft.from_pretrained(copy.deepcopy(bases["gpt2"]), tmp_path)
-    torch.testing.assert_close(_out(loaded, "gpt2"), _out(model, "gpt2"), rtol=0, atol=0)
+    torch.testing.assert_close(output_for(loaded, "gpt2"), output_for(model, "gpt2"), rtol=0, atol=0)
 
 
 def test_print_trainable_parameters_counts_as_peft(bases, capsys):
