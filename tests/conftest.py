@@ -1,5 +1,8 @@
+import os
+
 import pytest
 import torch
+from hypothesis import settings as _hypothesis_settings
 
 
 @pytest.fixture(autouse=True)
@@ -17,3 +20,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# CI runs the property suites on a fixed seed (the same examples every run, so a red CI always
+# reproduces); locally each run draws new examples (`pytest --hypothesis-seed=N` replays one).
+_hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    _hypothesis_settings.load_profile("ci")
