@@ -137,7 +137,7 @@ class GroundTruthGate(BankBoundGate):
         return _top_k_routing(scores, self.k, self.num_experts)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, k={self.k}"
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}"
 
 
 class SimilarityGate(BankBoundGate):
@@ -179,7 +179,7 @@ class SimilarityGate(BankBoundGate):
         return _top_k_routing(-dist2, self.k, self.num_experts)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, k={self.k}"
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}"
 
 
 class MLPGate(Gate):
