@@ -106,3 +106,18 @@ def test_news_documents_loads_or_says_how_to_install():
         return
     docs = news_documents("test")
     assert len(docs) == 50 and all(isinstance(d, str) and d for d in docs)
+
+
+def test_adapter_layers_show_their_base_and_bias():
+    from mpolab_moe import peft as mpeft
+    from mpolab_moe.peft import IA3Layer, LoRALayer
+
+    model = mpeft.get_model(tiny_bert(), mpeft.IA3Config())
+    ia3 = [m for m in model.modules() if isinstance(m, IA3Layer)]
+    assert ia3
+    for layer in ia3:
+        assert layer.bias is layer.base_layer.bias  # the base layer's own bias, not a copy
+        assert "IA3Layer" in repr(layer) and "feedforward" in layer.extra_repr()
+    lora = mpeft.get_model(tiny_bert(), mpeft.LoRAConfig(r=2))
+    layer = next(m for m in lora.modules() if isinstance(m, LoRALayer))
+    assert layer.bias is layer.base_layer.bias
