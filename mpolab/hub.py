@@ -57,6 +57,7 @@ from .io import (
     WEIGHTS_NAME,
     describe_layers,
     mark_hf_config,
+    read_json_object,
     read_record,
     safe_hf_config,
     unmark_hf_config,
@@ -228,12 +229,7 @@ def install() -> None:
 
 def _hf_config(folder: Path) -> dict[str, Any]:
     file = folder / HF_CONFIG_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing; mpolab.from_pretrained builds the model from it")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e})") from e
+    config = read_json_object(file, "mpolab.from_pretrained builds the model from it")
     return safe_hf_config(unmark_hf_config(config), str(file))
 
 

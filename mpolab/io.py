@@ -63,6 +63,7 @@ __all__ = [
     "load",
     "mark_hf_config",
     "read_checked",
+    "read_json_object",
     "read_record",
     "read_tensors",
     "safe_hf_config",
@@ -514,13 +515,8 @@ def check_hf_model_folder(path: str | os.PathLike[str]) -> Path:
     if not folder.is_dir():
         raise ValueError(f"{folder} is a file, not a model folder; give a local Hugging Face one")
     config = folder / HF_CONFIG_NAME
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} is missing; {folder} is not a Hugging Face model folder")
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config} is not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+    data = read_json_object(config, f"{folder} is not a Hugging Face model folder")
+    if not isinstance(data.get("model_type"), str):
         raise ValueError(f"{config} must be a JSON object with a 'model_type' (a transformers config)")
     if (folder / WEIGHTS_NAME).is_file() or (folder / WEIGHTS_INDEX_NAME).is_file():
         return folder
@@ -656,6 +652,24 @@ def _build_hf_model(path: Path, name: str | None, config_file: Path) -> nn.Modul
     except (OSError, ValueError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"{hf_config} is not a valid {config_class.__name__} ({e})") from e
     return cls(config)
+
+
+def read_json_object(file: Path, missing: str) -> dict[str, Any]:
+    """The JSON object in ``file``.
+
+    Raises:
+        FileNotFoundError: ``file`` does not exist (the message ends with ``missing``).
+        ValueError: it is not valid UTF-8 JSON, or not a JSON object.
+    """
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing; {missing}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 #: ``model_type`` written to ``config.json`` of a folder with mpolab layers: transformers refuses it.
