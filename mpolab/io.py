@@ -530,12 +530,7 @@ def check_hf_model_folder(path: str | os.PathLike[str]) -> Path:
 
 
 def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e}); re-save the model with mpolab.save") from e
-    if not isinstance(record, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(record).__name__}")
+    record = read_json_object(file, "re-save the model with mpolab.save")
     version = record.get("format_version")
     if version is None:
         raise ValueError(f"{file} has no format_version; it was not written by mpolab.save")

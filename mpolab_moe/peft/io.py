@@ -33,6 +33,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from mpolab.io import read_json_object
 from mpolab.utils import atomic_files
 
 from .config import AdapterConfig, config_from_dict
@@ -153,13 +154,7 @@ def _read_json(folder: Path) -> dict[str, Any]:
         raise ValueError(
             f"{folder} is not an adapter folder: expected {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
         )
-    try:
-        record = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path} is not valid JSON: {err}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, got {type(record).__name__}")
-    return record
+    return read_json_object(config_path, "an adapter folder needs it")
 
 
 def _read_tensors(file: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
