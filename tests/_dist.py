@@ -143,9 +143,7 @@ def run_distributed(
         body = "\n".join(f"--- rank {rank} ---\n{text}" for rank, text in reports)
         raise DistributedTestError(f"{len(reports)} of {world_size} ranks failed:\n{body}")
     if timed_out:
-        raise DistributedTestError(
-            f"the {world_size}-process group ran past its {timeout:.0f} s timeout (killed)"
-        )
+        raise DistributedTestError(f"the {world_size}-process group ran past its {timeout:.0f} s timeout (killed)")
     if failed:
         codes = [process.exitcode for process in context.processes]
         raise DistributedTestError(f"a worker exited without a report; exit codes {codes}")
