@@ -20,6 +20,7 @@ from .mpo import MPO
 from .nn import HasCentralTensor, MPOEmbedding, MPOLinear, MPOModule
 from .options import TruncationOptions
 from .shapes import factorize, plan_factors
+from .step_weight import Materializer, materialize
 from .training import DimensionSqueezer, param_groups, set_trainable, squeeze
 from .weighted import Layout, decompose_weighted, output_error
 
@@ -36,6 +37,7 @@ __all__ = [
     "MPOEmbedding",
     "MPOLinear",
     "MPOModule",
+    "Materializer",
     "TruncationOptions",
     "calibration_data",
     "collect_input_stats",
@@ -49,6 +51,7 @@ __all__ = [
     "from_pretrained",
     "heal",
     "load",
+    "materialize",
     "output_error",
     "param_groups",
     "perplexity",

@@ -29,6 +29,7 @@ from .decompose import decompose
 from .mpo import MPO
 from .options import TruncationOptions
 from .shapes import plan_factors
+from .step_weight import StepWeight
 from .truncation import bond_caps
 
 __all__ = [
@@ -98,6 +99,8 @@ class MPOModule(nn.Module):
 
     out_features: int
     in_features: int
+    #: set by :func:`mpolab.materialize`: the weight is built once per optimiser step (``None``: every forward)
+    step_weight: StepWeight | None = None
 
     def __init__(self, mpo: MPO, *, cache_weight: bool = True, original_type: str | None = None) -> None:
         """Cores copied from ``mpo`` into parameters.
@@ -140,6 +143,10 @@ class MPOModule(nn.Module):
     def mpo(self) -> MPO:
         """The cores as an :class:`MPO` value (sharing storage, detached from autograd)."""
         return MPO([c.detach() for c in self.cores], self.out_features, self.in_features)
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """The cores, in order (what the dense weight is rebuilt from; :class:`mpolab.step_weight.Materializable`)."""
+        return list(self.cores)
 
     def num_mpo_params(self) -> int:
         return sum(c.numel() for c in self.cores)
@@ -196,9 +203,16 @@ class MPOModule(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The represented matrix ``[out_features, in_features]``.
 
-        Differentiable when gradients are needed; otherwise served from (and stored in) the cache.
+        Differentiable when gradients are needed (the step's leaf under :func:`mpolab.materialize`);
+        otherwise served from (and stored in) the cache.
         """
-        if self._needs_grad() or not self.cache_weight:
+        if self._needs_grad():
+            if self.step_weight is not None:
+                return self.step_weight.get(list(self.cores), self._rebuild)
+            return self._rebuild()
+        if self.step_weight is not None and (held := self.step_weight.peek(list(self.cores))) is not None:
+            return held
+        if not self.cache_weight:
             return self._rebuild()
         if self._cache is None:
             self._cache = VersionedCache()
@@ -208,6 +222,15 @@ class MPOModule(nn.Module):
         if self.cache_weight and not self._needs_grad():
             return self.dense_weight()
         return None
+
+    def _step_weight_or_none(self, batch: int) -> torch.Tensor | None:
+        """The step's materialised weight when training under :func:`mpolab.materialize` and the rebuild
+        path wins for ``batch`` rows with the rebuild amortised over the step (else ``None``)."""
+        if self.step_weight is None or not self._needs_grad():
+            return None
+        if contract.choose_path(contract.core_shapes(list(self.cores)), batch, weight_cached=True) != "dense":
+            return None
+        return self.step_weight.get(list(self.cores), self._rebuild)
 
     def clear_cache(self) -> None:
         """Drop the cached dense weight (it is rebuilt on the next no-grad call)."""
@@ -370,13 +393,11 @@ class MPOLinear(MPOModule):
             raise ValueError(
                 f"MPOLinear expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}"
             )
+        weight = self._cached_weight_or_none()
+        if weight is None:
+            weight = self._step_weight_or_none(x.numel() // self.in_features)
         return contract.apply_mpo(
-            x,
-            list(self.cores),
-            self.out_features,
-            self.in_features,
-            bias=self.bias,
-            weight=self._cached_weight_or_none(),
+            x, list(self.cores), self.out_features, self.in_features, bias=self.bias, weight=weight
         )
 
     def extra_repr(self) -> str:
@@ -537,6 +558,8 @@ class MPOEmbedding(MPOModule):
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"MPOEmbedding expects int64/int32 token ids, got {ids.dtype}")
         table = self._cached_weight_or_none()
+        if table is None and self.step_weight is not None and self._needs_grad():
+            table = self.step_weight.get(list(self.cores), self._rebuild)  # materialised: one table per step
         if table is not None:
             return F.embedding(ids, table)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):

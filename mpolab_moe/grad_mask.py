@@ -21,7 +21,10 @@ under weight decay, so a masked step:
 
 Routed experts are counted by forward pre-hooks on the :class:`~mpolab_moe.experts.mpo.MPOExperts`
 banks (their ``counts`` argument), accumulated over forwards since the last step, so gradient
-accumulation works.
+accumulation works. Under :func:`mpolab.materialize` the banks' core gradients wait in their
+materialised weights until the step; :meth:`GradientMask.apply` flushes them first
+(:func:`mpolab.step_weight.flush_pending`), so the order in which the mask and the materializer
+were attached to the optimiser does not matter.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from mpolab.step_weight import flush_pending
 
 from .experts.mpo import MPOExperts
 
@@ -142,8 +147,14 @@ class GradientMask:
 
     @torch.no_grad()
     def apply(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
-        """Decide this step; if masked, drop central gradients and snapshot unrouted experts. Returns masked."""
+        """Decide this step; if masked, drop central gradients and snapshot unrouted experts. Returns masked.
+
+        Pending gradients of materialised banks (:func:`mpolab.materialize`) reach the cores first.
+        """
         optimizer = optimizer if optimizer is not None else self._optimizer
+        with torch.enable_grad():
+            for bank in self.banks:
+                flush_pending(bank)
         self.last_masked = self.draw()
         self.num_steps += 1
         self._saved = []

@@ -25,7 +25,7 @@ from mpolab.truncation import bond_caps, num_params_for_ranks
 from mpolab.utils import check_positive_int
 
 from ..activations import Activation
-from .base import FFNBank, FFNWeights
+from .base import FFNBank, FFNWeights, grouped_ffn
 from .dense import DenseExperts
 from .shared_central import SharedCentralMPO
 
@@ -191,6 +191,21 @@ class MPOExperts(FFNBank):
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """``x [N, d]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]``.
+
+        When every matrix takes the rebuild path, the stacked weights ``[E, in, out]`` go to the same
+        expert-by-expert FFN as Switch's dense experts (:func:`~mpolab_moe.experts.base.chunked_ffn`);
+        otherwise each matrix applies itself (through its cores where that is cheaper).
+        """
+        matrices = self.matrices()
+        if x.shape[0] and all(m.choose_path(x.shape[0]) == "dense" for m in matrices.values()):
+            w = {name: m.expert_weights() for name, m in matrices.items()}
+            return grouped_ffn(
+                x, counts, w["w1"], w["w2"], self.act, w_gate=w.get("w_gate"), b1=self.b1, b2=self.expert_bias()
+            )
+        return super().forward(x, counts)
 
     @property
     def dense_equivalent_params(self) -> int:

@@ -28,6 +28,7 @@ import mpolab
 from mpolab import contract
 from mpolab.contract import ContractionCost, PathCosts, batch_class, core_terms, einsum_symbols
 from mpolab.nn import VersionedCache
+from mpolab.step_weight import StepWeight
 from mpolab.utils import check_choice, check_positive_int
 
 from .base import expand_per_row, grouped_matmul
@@ -72,6 +73,9 @@ class SharedCentralMPO(nn.Module):
         >>> m.expert_weights().shape        # [8, 768, 3072], input-major
     """
 
+    #: set by :func:`mpolab.materialize`: all ``E`` weights built once per optimiser step (``None``: every forward)
+    step_weight: StepWeight | None = None
+
     def __init__(self, mpo: mpolab.MPO, num_experts: int) -> None:
         super().__init__()
         self.out_features, self.in_features = mpo.shape
@@ -95,6 +99,10 @@ class SharedCentralMPO(nn.Module):
     def stacked_cores(self) -> list[Tensor]:
         """The cores in order: auxiliary ones ``[E, r, i, j, r]``, the central one ``[r, i, j, r]``."""
         return [*self.left, self.central, *self.right]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """The cores the expert weights are rebuilt from (:class:`mpolab.step_weight.Materializable`)."""
+        return list(self.stacked_cores())  # type: ignore[arg-type]
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -138,11 +146,15 @@ class SharedCentralMPO(nn.Module):
     def expert_weights(self) -> Tensor:
         """All experts' matrices, input-major ``[E, in_features, out_features]`` (``W_eᵀ``).
 
-        One contraction for all experts; served from a cache in no-grad mode until a parameter changes.
+        One contraction for all experts; under :func:`mpolab.materialize` once per optimiser step (a
+        leaf collecting the step's gradient); served from a cache in no-grad mode until a parameter changes.
         """
+        cores = self.stacked_cores()
         if self._needs_grad():
-            return self.rebuild()
-        return self._cache.get(self.stacked_cores(), self.rebuild)
+            return self.rebuild() if self.step_weight is None else self.step_weight.get(cores, self.rebuild)
+        if self.step_weight is not None and (held := self.step_weight.peek(cores)) is not None:
+            return held
+        return self._cache.get(cores, self.rebuild)
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -216,7 +228,8 @@ class SharedCentralMPO(nn.Module):
         )
 
     def choose_path(self, num_tokens: int) -> str:
-        cached = not self._needs_grad()
+        """``"dense"`` or ``"cores"`` for ``num_tokens`` rows (a materialised weight counts as cached)."""
+        cached = not self._needs_grad() or self.step_weight is not None
         return self.path_costs(num_tokens, weight_cached=cached).chosen
 
     def forward(self, x: Tensor, counts: Sequence[int], bias: Tensor | None = None, *, path: str = "auto") -> Tensor:
