@@ -48,6 +48,7 @@ from .gates import (
 from .grad_mask import GradientMask
 from .hub import from_pretrained, moefy  # moefy that records its arguments (for save_pretrained)
 from .layer import MoE, aux_loss, check_pair, moe_layers
+from .parallel import expert_parallel, shard_experts
 from .registry import register_method, registered_methods
 from .routing import Routing, RoutingStats
 from .split import balanced_kmeans, coactivation_split, contiguous_split, random_split
@@ -100,4 +101,6 @@ __all__ = [
     "registered_methods",
     "train_mlp_gate",
     "upcycle",
+    "expert_parallel",
+    "shard_experts",
 ]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import cast
+import zlib
+from collections.abc import Sequence
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +14,29 @@ from .experts.base import Capability, ExpertBank, SoftBank
 from .gates.base import BankBoundGate, Gate
 from .routing import Routing, RoutingStats
 
-__all__ = ["MoE", "aux_loss", "check_pair", "moe_layers"]
+__all__ = ["ExchangingBank", "MoE", "aux_loss", "check_pair", "moe_layers"]
+
+
+@runtime_checkable
+class ExchangingBank(Protocol):
+    """A bank whose experts live in several processes (:class:`mpolab_moe.parallel.ExpertParallelBank`).
+
+    :class:`MoE` hands it the sorted rows with what a plain bank does not need: the capacity (a
+    fixed-size exchange), this process's routing statistics to sum over the group, and a
+    fingerprint of the layer's routing configuration that every rank must share.
+    """
+
+    def exchange_forward(
+        self,
+        x: Tensor,
+        counts: list[int],
+        *,
+        capacity: int | None,
+        stats: Sequence[int],
+        config: Sequence[tuple[str, int]],
+    ) -> tuple[Tensor, Tensor]:
+        """``x [N, d]`` sorted by expert -> ``([N, d_out], [E + len(stats)])``: rows, counts and stats summed."""
+        ...
 
 
 def check_pair(gate: Gate, experts: ExpertBank, *, capacity_factor: float | None = None) -> None:
@@ -83,7 +107,8 @@ class MoE(nn.Module):
     :class:`~mpolab_moe.gates.base.BankBoundGate` is then bound to the bank.
 
     After each forward, :attr:`aux_loss` holds the gate's weighted auxiliary losses (a scalar
-    tensor with gradient, or ``None``) and :attr:`last_stats` a :class:`RoutingStats`.
+    tensor with gradient, or ``None``) and :attr:`last_stats` a :class:`RoutingStats` (over every
+    rank's tokens when the bank is expert-parallel, :mod:`mpolab_moe.parallel`).
     ``copy.deepcopy`` and pickling leave out :attr:`aux_loss` and :attr:`last_routing` (they hold
     the last forward's autograd graph), so a copy (EMA, teacher) starts with ``None`` there.
 
@@ -195,7 +220,7 @@ class MoE(nn.Module):
         order = torch.argsort(flat_index, stable=True)
         expert, token, combine = flat_index[order], flat_token[order], flat_weight[order]
         counts = torch.bincount(expert, minlength=E)
-        dropped = 0
+        dropped, capacity = 0, 0
         capacity_factor = self.active_capacity_factor
         if capacity_factor is not None:
             capacity = math.ceil(k * capacity_factor * T / E)
@@ -205,23 +230,49 @@ class MoE(nn.Module):
             if dropped:
                 expert, token, combine = expert[keep], token[keep], combine[keep]
                 counts = counts.clamp(max=capacity)
+        reached = torch.zeros(T, dtype=torch.bool, device=tokens.device)
+        reached[token] = True
+        without = int((~reached).sum())
+        if isinstance(self.experts, ExchangingBank):  # every rank must call it, even with no rows
+            y, totals = self.experts.exchange_forward(
+                tokens.index_select(0, token),
+                counts.tolist(),
+                capacity=capacity if capacity_factor is not None else None,
+                stats=[dropped, without, T],
+                config=self._config_fingerprint(),
+            )
+            out = y.new_zeros(T, y.shape[-1])
+            out.index_add_(0, token, y * combine.to(y.dtype).unsqueeze(-1))
+            self._record(
+                routing, totals[:E], dropped=int(totals[E]), without=int(totals[E + 1]), num_tokens=int(totals[E + 2])
+            )
+            return out
         if token.numel() == 0:  # an empty batch, or no token routed: no bank call on empty groups
             out = tokens.new_zeros(T, self.experts.out_features)
         else:
             y = self.experts(tokens.index_select(0, token), counts.tolist())  # backward: index_add_, not index_put_
             out = y.new_zeros(T, y.shape[-1])
             out.index_add_(0, token, y * combine.to(y.dtype).unsqueeze(-1))
-        reached = torch.zeros(T, dtype=torch.bool, device=tokens.device)
-        reached[token] = True
-        self._record(routing, counts.detach(), dropped=dropped, without=int((~reached).sum()))
+        self._record(routing, counts.detach(), dropped=dropped, without=without)
         return out
 
-    def _record(self, routing: Routing, counts: Tensor, *, dropped: int, without: int) -> None:
+    def _config_fingerprint(self) -> list[tuple[str, int]]:
+        """What every rank of an expert group must agree on (name, value): gate, capacity, train/eval mode."""
+        gate = f"{type(self.gate).__qualname__}({self.gate.extra_repr()})"
+        return [
+            ("the gate's configuration", zlib.crc32(gate.encode())),
+            ("capacity_factor", zlib.crc32(self.extra_repr().encode())),
+            ("train/eval mode", int(self.training)),
+        ]
+
+    def _record(
+        self, routing: Routing, counts: Tensor, *, dropped: int, without: int, num_tokens: int | None = None
+    ) -> None:
         self.last_stats = RoutingStats(
             tokens_per_expert=counts.cpu(),
             dropped=dropped,
             tokens_without_expert=without,
-            num_tokens=routing.num_tokens,
+            num_tokens=routing.num_tokens if num_tokens is None else num_tokens,
             aux_losses={name: float(v.detach()) for name, v in routing.aux_losses.items()},
         )
 

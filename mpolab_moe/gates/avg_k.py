@@ -210,7 +210,9 @@ class AvgKGate(BankBoundGate):
         weight = torch.ones_like(top_p) if self.one_score else top_k_weights(top_p, normalize=self.normalize)
         aux: dict[str, Tensor] = {}
         if self.balance_loss_weight:
-            aux["balance"] = self.balance_loss_weight * load_balancing_loss(probs, top_i[:, 0])
+            aux["balance"] = self.balance_loss_weight * load_balancing_loss(
+                probs, top_i[:, 0], batch_sum=self.batch_sum
+            )
         return Routing(top_i, weight, self.num_experts, aux_losses=aux, probs=probs.detach())
 
     def extra_repr(self) -> str:

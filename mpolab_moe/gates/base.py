@@ -9,6 +9,11 @@ A gate declares
 * whether it reads the bank's weights (:class:`BankBoundGate`: the :class:`~mpolab_moe.MoE` layer
   calls :meth:`BankBoundGate.bind` once, after checking the requirements).
 
+Batch statistics inside aux losses (the balance loss's expert fractions and mean probabilities)
+are over this process's tokens, unless :attr:`Gate.batch_sum` is set: then they are summed over
+the processes it reduces over, so the loss is the one of the global batch
+(:func:`mpolab_moe.parallel.expert_parallel` sets it; see ``docs/distributed.md``).
+
 Router tensors listed in :attr:`Gate.fp32_tensors` stay in float32 when the model is cast to half
 precision (``model.half()``, ``.to(torch.bfloat16)``), as Switch Transformers keep their routers.
 """
@@ -56,6 +61,9 @@ class Gate(nn.Module, ABC):
     soft: ClassVar[bool] = False
     #: Names of parameters/buffers kept in float32 under ``.half()`` / ``.to(bfloat16)``.
     fp32_tensors: ClassVar[tuple[str, ...]] = ()
+    #: Differentiable sum over processes (``[n] -> [n]``) for global batch statistics, or ``None``
+    #: (statistics of this process's tokens only). Set by :func:`mpolab_moe.parallel.expert_parallel`.
+    batch_sum: Callable[[Tensor], Tensor] | None = None
 
     @abstractmethod
     def forward(self, x: Tensor) -> Routing:
@@ -114,18 +122,35 @@ def check_finite_logits(logits: Tensor, where: str) -> None:
         )
 
 
-def load_balancing_loss(probs: Tensor, first_choice: Tensor) -> Tensor:
+def load_balancing_loss(
+    probs: Tensor, first_choice: Tensor, *, batch_sum: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Switch/GShard balance loss ``E * sum_e f_e * mean_p_e``.
 
     Args:
         probs: ``[T, E]`` router probabilities.
         first_choice: ``[T]`` each token's first expert (``-1``: none, not counted).
+        batch_sum: a differentiable sum over processes (:attr:`Gate.batch_sum`): ``f_e`` and
+            ``mean_p_e`` are then those of every process's tokens together (the global batch).
 
     ``f_e`` is the fraction of tokens whose first choice is ``e`` (no gradient), ``mean_p_e`` the
     mean probability of ``e``; the loss is 1 at perfect balance and ``E`` at total collapse.
+
+    Examples:
+        >>> probs = torch.softmax(torch.randn(6, 4), -1)
+        >>> load_balancing_loss(probs, probs.argmax(-1)) >= 0
+        tensor(True)
     """
     E = probs.shape[-1]
     chosen = first_choice[first_choice >= 0]
+    if batch_sum is not None:  # every rank takes this branch: the collective runs on all of them
+        counts = torch.bincount(chosen, minlength=E).to(probs.dtype)
+        size = probs.new_tensor([float(probs.shape[0])])
+        total = batch_sum(torch.cat([probs.sum(0), counts, size]))
+        p_sum, f_counts, tokens = total[:E], total[E : 2 * E].detach(), total[2 * E].detach()
+        if float(tokens) == 0 or float(f_counts.sum()) == 0:
+            return p_sum.sum() * 0
+        return E * (f_counts / f_counts.sum() * (p_sum / tokens)).sum()
     if probs.shape[0] == 0 or chosen.numel() == 0:
         return probs.sum() * 0
     f = torch.bincount(chosen, minlength=E).to(probs.dtype) / chosen.numel()

@@ -245,7 +245,14 @@ class TopAnyGate(Gate):
             aux["simplicity"] = w * (W.norm(dim=0) * m).sum() / n_active
         if "balance" in self.aux_terms:
             routed = hard.sum(-1) > 0
-            if bool(routed.any()):
+            if self.batch_sum is not None:  # over every process's tokens (all ranks run the collective)
+                gr = g[routed]
+                share = (gr / gr.sum(-1, keepdim=True)).sum(0)
+                total = self.batch_sum(torch.cat([share, hard[routed].sum(0), g.new_tensor([float(gr.shape[0])])]))
+                E, n = self.num_experts, total[-1].detach()
+                me, ce = total[:E] / n.clamp(min=1), total[E : 2 * E].detach() / n.clamp(min=1)
+                aux["balance"] = w * n_active * (me * ce).sum()
+            elif bool(routed.any()):
                 gr = g[routed]
                 me = (gr / gr.sum(-1, keepdim=True)).mean(0)
                 ce = hard[routed].mean(0)

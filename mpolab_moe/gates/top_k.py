@@ -107,7 +107,9 @@ class TopKGate(Gate):
         weight = top_p / top_p.detach().clamp_min(torch.finfo(top_p.dtype).tiny) if self.weighting == "one" else top_p
         aux: dict[str, Tensor] = {}
         if self.balance_loss_weight:
-            aux["balance"] = self.balance_loss_weight * load_balancing_loss(probs, top_i[:, 0])
+            aux["balance"] = self.balance_loss_weight * load_balancing_loss(
+                probs, top_i[:, 0], batch_sum=self.batch_sum
+            )
         if self.z_loss_weight:
             aux["z"] = self.z_loss_weight * router_z_loss(logits)
         return Routing(top_i, weight, self.num_experts, aux_losses=aux, probs=probs.detach())

@@ -1,0 +1,214 @@
+"""``ExpertParallelBank``: this rank's experts, and the all-to-all that brings them their tokens.
+
+:class:`~mpolab_moe.MoE` sorts its routed rows by global expert and hands them to the bank with
+``counts [E]``. The rows of the experts another rank owns are contiguous, so one exchange sends
+each rank its rows:
+
+1. ``all_gather`` of a small int64 vector per rank: its ``counts [E]``, its routing statistics,
+   its capacity and the layer's configuration fingerprint (a mismatch raises ``ValueError`` on
+   every rank at once, naming the field). Every rank then knows how many rows each source sends
+   each of its experts, and the global ``tokens_per_expert``.
+2. ``all_to_all_single`` of the rows (*dispatch*). Dropless: variable split sizes, exactly the
+   routed rows. With a capacity (GShard): fixed split sizes, ``capacity`` rows per expert padded
+   with zeros, so the exchanged shapes do not depend on the routing.
+3. The local bank runs on the received rows regrouped by local expert (its own ``counts``).
+4. ``all_to_all_single`` back (*combine*), in the dispatch's order.
+
+The backward is the reverse exchange of both. The per-expert parameters of the local bank get
+their gradient divided by the group size (see :func:`mpolab_moe.parallel.expert_parallel`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..experts.base import BankOutput, ExpertBank
+from .collectives import ByteCounter, all_gather_rows, all_to_all, group_rank, group_size
+
+__all__ = ["ExpertParallelBank", "collective_device"]
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """Where the group's collectives want their tensors: the current CUDA device for NCCL, else CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class ExpertParallelBank(ExpertBank):
+    """The experts ``placement``-owned by this rank of ``group``, standing in for a bank of ``num_experts``.
+
+    Build it with :func:`mpolab_moe.parallel.expert_parallel`, not directly.
+
+    Args:
+        local: the bank of this rank's experts (``placement[rank]`` of them).
+        num_experts: ``E``, the experts of the whole group.
+        placement: experts per rank, summing to ``E``; rank ``r`` owns a contiguous range.
+        group: the expert-parallel process group (``None``: the default group).
+        expert_names: names of ``local``'s per-expert tensors (the others are replicated).
+
+    Attributes:
+        local: this rank's bank.
+        lo, hi: the global ids of this rank's experts, ``[lo, hi)``.
+        counter: a :class:`ByteCounter` the exchange adds its bytes to, or ``None``.
+
+    Examples:
+        >>> moe = expert_parallel(MoE(TopKGate(64, 8), DenseExperts(64, 256, 8)))  # doctest: +SKIP
+        >>> moe.experts.local.num_experts, moe.experts.lo        # rank 1 of 2
+        (4, 4)
+    """
+
+    def __init__(
+        self,
+        local: ExpertBank,
+        *,
+        num_experts: int,
+        placement: Sequence[int],
+        group: Any = None,
+        expert_names: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        super().__init__()
+        self.group = group
+        self.world, self.rank = group_size(group), group_rank(group)
+        self.placement = tuple(int(n) for n in placement)
+        if len(self.placement) != self.world or sum(self.placement) != num_experts:
+            raise ValueError(f"placement {list(self.placement)} must give {self.world} ranks {num_experts} experts")
+        self.starts = [sum(self.placement[:r]) for r in range(self.world + 1)]
+        self.lo, self.hi = self.starts[self.rank], self.starts[self.rank + 1]
+        if local.num_experts != self.hi - self.lo:
+            raise ValueError(
+                f"the local bank has {local.num_experts} experts; rank {self.rank} owns {self.hi - self.lo}"
+            )
+        self.local = local
+        self.num_experts, self.in_features, self.out_features = num_experts, local.in_features, local.out_features
+        self.expert_names = frozenset(expert_names)
+        self.counter: ByteCounter | None = None
+
+    @property
+    def output_kind(self) -> BankOutput:  # type: ignore[override]
+        """The local bank's :class:`BankOutput`."""
+        return self.local.output_kind
+
+    @property
+    def output_bias(self) -> Tensor | None:
+        """The local bank's output bias (replicated on every rank)."""
+        return self.local.output_bias
+
+    def fingerprint(self) -> list[tuple[str, int]]:
+        """What every rank must agree on about this bank (name, value)."""
+        kind = f"{type(self.local).__qualname__}:{self.local.extra_repr()}"
+        # the local bank's repr names its own expert count, which may differ with uneven placement
+        kind = kind.replace(f"num_experts={self.local.num_experts}", "")
+        return [
+            ("num_experts", self.num_experts),
+            ("in_features", self.in_features),
+            ("out_features", self.out_features),
+            ("placement", zlib.crc32(repr(self.placement).encode())),
+            ("bank", zlib.crc32(kind.encode())),
+        ]
+
+    def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
+        """``x [N, d]`` sorted by global expert, ``counts [E]`` -> ``[N, d_out]`` (dropless exchange)."""
+        y, _ = self.exchange_forward(x, list(counts), capacity=None, stats=[], config=[])
+        return y
+
+    # ------------------------------------------------------------------ the exchange
+    def _gather_table(self, row: list[int], device: torch.device) -> Tensor:
+        """``all_gather`` of one int64 row per rank -> ``[world, len(row)]`` on the CPU."""
+        mine = torch.tensor(row, dtype=torch.int64, device=device)
+        return all_gather_rows(mine, self.group, "routing counts and configuration").cpu()
+
+    def _check_agreement(self, table: Tensor, names: list[str], first: int) -> None:
+        for c, name in enumerate(names):
+            column = table[:, first + c]
+            if bool((column != column[0]).any()):
+                values = ", ".join(f"rank {r}: {int(v)}" for r, v in enumerate(column.tolist()))
+                raise ValueError(
+                    f"expert-parallel MoE: the ranks disagree on {name} ({values}); every rank of the expert group "
+                    "must build the same layer (gate, k, capacity_factor, experts, placement) and be in the same "
+                    "train/eval mode"
+                )
+
+    def exchange_forward(
+        self,
+        x: Tensor,
+        counts: list[int],
+        *,
+        capacity: int | None,
+        stats: Sequence[int],
+        config: Sequence[tuple[str, int]],
+    ) -> tuple[Tensor, Tensor]:
+        """Run this layer's routed rows on their owners and bring the results back.
+
+        Args:
+            x: ``[N, d]`` rows sorted by global expert (``counts[e]`` rows for expert ``e``).
+            counts: ``E`` rows per expert.
+            capacity: ``None`` (dropless, variable split sizes) or the per-expert capacity of
+                this rank's batch (fixed split sizes: the largest capacity of the group).
+            stats: this rank's ints to sum over the group (the layer's dropped / unrouted / tokens).
+            config: ``(name, value)`` pairs of the layer's configuration that every rank must share.
+
+        Returns:
+            ``y [N, d_out]`` in ``x``'s order, and ``[E + len(stats)]`` int64: the group's tokens
+            per expert and ``stats`` summed.
+        """
+        E, W = self.num_experts, self.world
+        if len(counts) != E:
+            raise ValueError(f"counts has {len(counts)} entries, the expert-parallel bank routes {E} experts")
+        checks = [*config, *self.fingerprint()]
+        checks.append(("exchange mode (dropless or capacity)", int(capacity is not None)))
+        checks.append(("number of statistics", len(stats)))
+        row = [*counts, *stats, -1 if capacity is None else int(capacity), *(v for _, v in checks)]
+        table = self._gather_table(row, x.device if x.device.type != "cpu" else collective_device(self.group))
+        self._check_agreement(table, [n for n, _ in checks], E + len(stats) + 1)
+        totals = table[:, : E + len(stats)].sum(0)
+        lo, hi, El = self.lo, self.hi, self.hi - self.lo
+        recv_counts = table[:, lo:hi]  # [W, El]: rows each source sends each of my experts
+        starts = self.starts
+        dev = x.device
+        if capacity is None:
+            per_rank = [sum(counts[starts[r] : starts[r + 1]]) for r in range(W)]
+            send, recv = per_rank, recv_counts.sum(1).tolist()
+            seg_start = (recv_counts.flatten().cumsum(0) - recv_counts.flatten()).view(W, El)
+            out_x, slot = x, None
+        else:
+            C = int(table[:, E + len(stats)].max())
+            counts_t = torch.tensor(counts, dtype=torch.int64)
+            group_start = counts_t.cumsum(0) - counts_t
+            expert_of_row = torch.repeat_interleave(torch.arange(E), counts_t)
+            slot = (expert_of_row * C + torch.arange(x.shape[0]) - group_start[expert_of_row]).to(dev)
+            out_x = x.new_zeros(E * C, x.shape[1]).index_copy(0, slot, x)
+            send = [self.placement[r] * C for r in range(W)]
+            recv = [El * C] * W
+            seg_start = (torch.arange(W * El) * C).view(W, El)
+        # the received rows are grouped (source, local expert); the local bank wants (local expert, source)
+        lengths = recv_counts.t().flatten()
+        begins = seg_start.t().flatten()
+        offsets = lengths.cumsum(0) - lengths
+        gather = (torch.repeat_interleave(begins - offsets, lengths) + torch.arange(int(lengths.sum()))).to(dev)
+        local_counts = recv_counts.sum(0).tolist()
+        received = all_to_all(out_x, send, recv, group=self.group, name="dispatch", counter=self.counter)
+        rows = received.index_select(0, gather)
+        if rows.shape[0]:
+            y_local = self.local(rows, local_counts)
+        else:  # nothing to compute; keep every parameter in the graph (DDP, and Adam's zero-gradient steps)
+            y_local = rows.new_zeros(0, self.out_features)
+            trainable = [p.sum() for p in self.local.parameters() if p.requires_grad]
+            if trainable and torch.is_grad_enabled():
+                y_local = y_local + 0 * torch.stack(trainable).sum().to(y_local.dtype)
+        back = y_local.new_zeros(received.shape[0], y_local.shape[-1]).index_copy(0, gather, y_local)
+        returned = all_to_all(back, recv, send, group=self.group, name="combine", counter=self.counter)
+        y = returned if slot is None else returned.index_select(0, slot)
+        return y, totals
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, experts=[{self.lo}, {self.hi}) on rank {self.rank} of {self.world}, "
+            f"placement={list(self.placement)}"
+        )

@@ -1,0 +1,319 @@
+"""Expert parallelism (mpolab_moe.parallel) against the single-process model, with gloo in 2 and 4 processes.
+
+Every rank builds the same layer (same seed); one copy stays whole (the single-process reference),
+the other is made expert-parallel. The global batch is split over the ranks. The reference runs
+each rank's micro-batch through the whole layer (so GShard's per-batch capacity drops the same
+assignments), averages the task losses and adds the gate's balance loss of the global batch;
+the expert-parallel layer computes its local loss, and the replicated gradients are averaged
+over the ranks as DDP would. Outputs, losses, every gradient (the owner's slice for per-expert
+tensors) and the parameters after a few Adam steps (with and without MPOE's gradient mask) must
+match.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mpolab_moe import (
+    DenseExperts,
+    GradientMask,
+    IA3Experts,
+    LoRAExperts,
+    MoE,
+    MPOExperts,
+    SlicedExperts,
+    SoftMergeGate,
+    TopKGate,
+)
+from mpolab_moe.experts import FFNWeights
+from mpolab_moe.parallel import (
+    ByteCounter,
+    CollectiveError,
+    ExpertParallelBank,
+    average_replicated_gradients,
+    distributed_gradient_mask,
+    even_placement,
+    expert_parallel,
+    expert_tensors,
+    shard_experts,
+)
+from mpolab_moe.split import random_split
+
+from ._dist import DistributedTestError, run_distributed
+
+D, F, T = 16, 32, 12  # width, expert hidden width, tokens per rank
+ATOL, RTOL = 2e-5, 1e-4
+
+
+@dataclass(frozen=True)
+class Case:
+    bank: str  # dense, mpo, sliced, lora, ia3
+    k: int = 1
+    capacity_factor: float | None = None
+    mask: bool = False
+    num_experts: int = 4
+    placement: tuple[int, ...] | None = None
+    steps: int = 3
+
+
+def _build(case: Case) -> MoE:
+    torch.manual_seed(1234)
+    E = case.num_experts
+    gate = TopKGate(D, E, k=case.k, z_loss_weight=1e-3)
+    if case.bank == "dense":
+        bank = DenseExperts(D, F, E, activation="gelu")
+    elif case.bank == "mpo":
+        bank = MPOExperts(D, F, E, num_cores=3, max_rank=4)
+        with torch.no_grad():  # non-zero biases, so their gradients are checked too
+            for b in (bank.b1, bank.b2):
+                assert b is not None
+                b.normal_(std=0.1)
+    elif case.bank == "sliced":
+        ffn = FFNWeights(torch.randn(F, D) / 4, torch.randn(D, F) / 6, b1=torch.randn(F) / 10, b2=torch.randn(D) / 10)
+        bank = SlicedExperts.from_ffn(ffn, random_split(F, E))
+    elif case.bank == "lora":
+        bank = LoRAExperts(D, D, E, r=2)
+        with torch.no_grad():
+            bank.lora_B.normal_(std=0.1)
+    elif case.bank == "ia3":
+        bank = IA3Experts(D, E)
+        with torch.no_grad():
+            bank.vectors.normal_(1.0, 0.1)
+        return MoE(SoftMergeGate(D, E), bank)
+    else:
+        raise AssertionError(case.bank)
+    return MoE(gate, bank, capacity_factor=case.capacity_factor)
+
+
+def _batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(world * T, D, generator=g), torch.randn(world * T, D, generator=g)
+
+
+def _task(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (y - target).square().mean()
+
+
+def _ep_name(name: str) -> str:
+    return name.replace("experts.", "experts.local.", 1) if name.startswith("experts.") else name
+
+
+def _close(what: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
+
+
+def _compare_params(ref: MoE, ep: MoE, *, grads: bool, where: str) -> int:
+    bank = ep.experts
+    assert isinstance(bank, ExpertParallelBank)
+    ep_params = dict(ep.named_parameters())
+    compared = 0
+    for name, p in ref.named_parameters():
+        q = ep_params[_ep_name(name)]
+        local = name.startswith("experts.") and name.removeprefix("experts.") in bank.expert_names
+        want = p.grad if grads else p.detach()
+        got = q.grad if grads else q.detach()
+        if want is None:
+            assert got is None or not bool(got.any()), f"{where}: {name} has a gradient only when expert-parallel"
+            continue
+        assert got is not None, f"{where}: {name} has no gradient when expert-parallel"
+        _close(f"{where}: {'grad of ' if grads else ''}{name}", got, want[bank.lo : bank.hi] if local else want)
+        compared += 1
+    return compared
+
+
+def _run_case(case: Case, rank: int, world: int) -> None:
+    ref = _build(case)
+    ep = expert_parallel(copy.deepcopy(ref), placement=case.placement)
+    bank = ep.experts
+    assert isinstance(bank, ExpertParallelBank)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    opt_ep = torch.optim.Adam(ep.parameters(), lr=1e-2)
+    if case.mask:
+        GradientMask(ref, p_b=0.5, seed=7).attach(opt_ref)
+        mask = distributed_gradient_mask(ep, p_b=0.5, seed=7).attach(opt_ep)
+    rows = slice(rank * T, (rank + 1) * T)
+    dropped = 0
+    for step in range(case.steps):
+        x, target = _batch(step, world)
+        # the single-process reference: every rank's micro-batch through the whole layer
+        outs = [ref(x[r * T : (r + 1) * T]) for r in range(world)]
+        y_ref = torch.cat(outs)
+        task_ref = torch.stack([_task(o, target[r * T : (r + 1) * T]) for r, o in enumerate(outs)]).mean()
+        global_aux = ref.gate(x).aux_loss  # the balance loss of the global batch, and the mean z-loss
+        loss_ref = task_ref + (global_aux if global_aux is not None else 0)
+        # expert-parallel: this rank's micro-batch
+        y = ep(x[rows])
+        loss = _task(y, target[rows]) + (ep.aux_loss if ep.aux_loss is not None else 0)
+        where = f"{case} step {step}"
+        _close(f"{where}: output", y, y_ref[rows])
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        _close(f"{where}: loss", mean_loss / world, loss_ref.detach())
+        stats = ep.last_stats
+        assert stats is not None and stats.num_tokens == world * T
+        dropped += stats.dropped
+        opt_ref.zero_grad()
+        opt_ep.zero_grad()
+        loss_ref.backward()
+        loss.backward()
+        average_replicated_gradients(ep)
+        if step == 0:
+            assert _compare_params(ref, ep, grads=True, where=where) >= 2
+        opt_ref.step()
+        opt_ep.step()
+    _compare_params(ref, ep, grads=False, where=f"{case} after {case.steps} Adam steps")
+    if case.capacity_factor is not None and case.capacity_factor <= 1:
+        assert dropped > 0, f"{case}: the capacity dropped nothing, the case tests nothing"
+    if case.mask:  # the seed masks some of the steps and not others
+        assert mask.num_steps == case.steps and 0 < mask.num_masked < case.steps, mask
+
+
+CASES_2 = [
+    Case("dense", k=1),
+    Case("dense", k=2),
+    Case("dense", k=1, capacity_factor=1.0),
+    Case("dense", k=2, capacity_factor=0.75),
+    Case("mpo", k=1),
+    Case("mpo", k=2, mask=True),
+    Case("mpo", k=1, capacity_factor=1.0, mask=True),
+    Case("mpo", k=2, capacity_factor=1.25),
+    Case("sliced", k=2),
+    Case("lora", k=2),
+    Case("ia3"),
+    Case("dense", k=2, num_experts=3, placement=(2, 1)),
+]
+
+CASES_4 = [
+    Case("dense", k=2, num_experts=8),
+    Case("dense", k=1, capacity_factor=1.0, num_experts=4),
+    Case("mpo", k=2, mask=True, num_experts=8),
+    Case("mpo", k=1, capacity_factor=1.25, mask=True, num_experts=8),
+    Case("dense", k=2, num_experts=6, placement=(2, 2, 1, 1)),
+]
+
+
+def _equivalence_worker(rank: int, world: int, cases: list[Case]) -> None:
+    for case in cases:
+        _run_case(case, rank, world)
+
+
+def test_expert_parallel_matches_single_process_2_ranks() -> None:
+    run_distributed(_equivalence_worker, 2, CASES_2, timeout=120)
+
+
+def test_expert_parallel_matches_single_process_4_ranks() -> None:
+    run_distributed(_equivalence_worker, 4, CASES_4, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------- structure
+
+
+def _structure_worker(rank: int, world: int) -> None:
+    # MPOE: the central tensors are whole on every rank, the auxiliary tensors hold this rank's experts
+    ref = _build(Case("mpo", num_experts=8))
+    model = torch.nn.Sequential(copy.deepcopy(ref))
+    layers = shard_experts(model)
+    assert layers == {"0": (rank * 4, rank * 4 + 4)}
+    bank = model[0].experts
+    assert isinstance(bank, ExpertParallelBank) and isinstance(bank.local, MPOExperts)
+    for full, local in zip(ref.experts.central_parameters(), bank.local.central_parameters(), strict=True):
+        assert local.shape == full.shape
+    for full, local in zip(ref.experts.auxiliary_parameters(), bank.local.auxiliary_parameters(), strict=True):
+        assert local.shape == (4, *full.shape[1:])
+        torch.testing.assert_close(local.detach(), full.detach()[rank * 4 : rank * 4 + 4])
+    names = {name for name, _ in expert_tensors(model)}
+    assert names and all(".local." in n for n in names)
+    assert not any("central" in n for n in names)
+    # the routing statistics are the group's
+    x = torch.randn(T, D)
+    counter = ByteCounter()
+    bank.counter = counter
+    with torch.no_grad():
+        model(x)
+    stats = model[0].last_stats
+    assert stats is not None and int(stats.tokens_per_expert.sum()) == world * T
+    # bytes: the group's routed rows (top-1: one per token) of D fp32 values, there and back
+    sent = torch.tensor([counter.sent])
+    dist.all_reduce(sent)
+    assert int(sent) == world * T * D * 4 * 2
+    assert counter.by_name["dispatch"] == T * D * 4  # this rank's own tokens, every one routed
+    assert set(counter.by_name) == {"dispatch", "combine"}
+
+
+def test_mpoe_structure_statistics_and_bytes() -> None:
+    run_distributed(_structure_worker, 2, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------- bad inputs
+
+
+def test_not_initialised_is_a_clear_error() -> None:
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        expert_parallel(_build(Case("dense")))
+
+
+def test_even_placement_refuses_indivisible_and_proposes_a_placement() -> None:
+    assert even_placement(8, 4) == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match=r"num_experts=6 is not divisible by the 4 ranks.*placement=\[2, 2, 1, 1\]"):
+        even_placement(6, 4)
+    with pytest.raises(ValueError, match="at most 2 ranks"):
+        even_placement(2, 4)
+
+
+def _bad_inputs_worker(rank: int, world: int) -> None:
+    with pytest.raises(ValueError, match="not divisible"):
+        expert_parallel(_build(Case("dense", num_experts=3)))
+    with pytest.raises(ValueError, match="placement must list 2 positive ints"):
+        expert_parallel(_build(Case("dense", num_experts=4)), placement=[4, 0])
+    # ranks that build different layers: found when sharding
+    with pytest.raises(ValueError, match="disagree.*gate configuration"):
+        expert_parallel(_build(Case("dense", k=1 + rank)))
+    # ranks that drift apart later (one in eval mode): found on the next forward, on every rank
+    moe = expert_parallel(_build(Case("dense")))
+    moe.train(rank == 0)
+    with pytest.raises(ValueError, match="disagree on train/eval mode"):
+        moe(torch.randn(T, D))
+    moe.train()
+    moe(torch.randn(T, D))  # still in step after the refused forward
+    # a gradient mask with a different seed on each rank
+    with pytest.raises(ValueError, match="disagree on the gradient mask: seed"):
+        distributed_gradient_mask(expert_parallel(_build(Case("mpo"))), seed=rank)
+    # a mask created before sharding would count the whole bank's routing
+    mpo = _build(Case("mpo"))
+    GradientMask(mpo, p_b=0.5, seed=0)
+    with pytest.raises(ValueError, match="create GradientMask and other hooks after"):
+        expert_parallel(mpo)
+
+
+def test_bad_inputs_are_clear_errors_on_every_rank() -> None:
+    run_distributed(_bad_inputs_worker, 2, timeout=60)
+
+
+def _dying_rank_worker(rank: int, world: int) -> None:
+    moe = expert_parallel(_build(Case("dense")))
+    dist.barrier()
+    if rank == 1:
+        os._exit(0)  # dies before the step the others are in
+    with pytest.raises(CollectiveError, match=r"(all_reduce|all_gather) of .* failed on rank 0 of 2: .*timeout"):
+        moe(torch.randn(T, D))
+
+
+def test_a_dying_rank_makes_the_others_fail_naming_the_collective() -> None:
+    run_distributed(_dying_rank_worker, 2, timeout=60, collective_timeout_s=5)
+
+
+def _raises_worker(rank: int, world: int) -> None:
+    if rank == 1:
+        raise ValueError("worker failure on purpose")
+
+
+def test_harness_reports_the_failing_rank() -> None:
+    with pytest.raises(DistributedTestError, match=r"(?s)rank 1.*worker failure on purpose"):
+        run_distributed(_raises_worker, 2, timeout=60)
