@@ -1,0 +1,293 @@
+"""Data parallel (DDP) and sharded (FSDP2) training of compressed and moefied models, with gloo.
+
+Each spawned group runs several checks against a single-process reference built in the same
+process from the same weights: outputs, losses and every gradient match to float tolerance, a few
+Adam steps end in the same parameters, and evaluation forwards after the steps see the new weights
+(a stale no-grad weight cache would not). Checkpoints written by 2 ranks load on 1 and on 4.
+
+DDP runs with ``find_unused_parameters=False`` on purpose: expert banks stack their experts in
+single parameters, so experts that receive no token still take part in the graph.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import mpolab
+import mpolab.distributed as mdist
+import mpolab_moe
+from tests._dist import run_distributed
+from tests._hf import VOCAB, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: mpolab.compress; moefy with dense experts and top-1 (Switch); with MPO experts (MPOE) and top-2 (GShard)
+KINDS = ("compressed", "dense", "mpo")
+TOP_K = {"dense": 1, "mpo": 2}
+WORLD = 2
+GLOBAL_BATCH, LENGTH, STEPS = 4, 8, 3
+AUX_WEIGHT = 0.01
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+# ---------------------------------------------------------------------------------------- shared pieces
+def build(kind: str) -> nn.Module:
+    """A tiny LLaMA, compressed (``MPOLinear`` + ``MPOEmbedding``) or moefied; the same weights in every process."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    if kind == "compressed":
+        mpolab.compress(model, ["embed_tokens", "all-linear"], max_rank=4)
+    elif kind in ("dense", "mpo"):
+        k = TOP_K[kind]
+        mpolab_moe.moefy(model, num_experts=8, experts=kind, gate=f"top{k}", k=k)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return model.train()
+
+
+def batches(world: int) -> list[list[torch.Tensor]]:
+    """``STEPS`` global batches, each split into ``world`` equal shards of token ids."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(2, VOCAB, (STEPS, GLOBAL_BATCH, LENGTH), generator=g)
+    return [list(step.chunk(world)) for step in ids]
+
+
+def loss_of(model: nn.Module, ids: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+    """Language-model loss plus the MoE layers' aux losses (``module``: where the MoE layers are)."""
+    loss = model(input_ids=ids, labels=ids).loss
+    return loss + AUX_WEIGHT * mpolab_moe.aux_loss(module if module is not None else model)
+
+
+def reference_step(reference: nn.Module, shards: list[torch.Tensor]) -> torch.Tensor:
+    """What data parallelism computes, in one process: the mean over ranks of each rank's loss."""
+    loss = torch.stack([loss_of(reference, ids) for ids in shards]).mean()
+    loss.backward()
+    return loss.detach()
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered to a plain tensor; other tensors unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def assert_same(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(full(got).detach(), want.detach(), **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def assert_same_params(model: nn.Module, reference: nn.Module, what: str, grads: bool = False) -> None:
+    ref = dict(reference.named_parameters())
+    names = [n for n, _ in model.named_parameters()]
+    assert names == list(ref), f"{what}: parameter names differ"
+    for name, p in model.named_parameters():
+        if grads:
+            assert (p.grad is None) == (ref[name].grad is None), f"{what}: {name} has a gradient on one side only"
+            if p.grad is not None:
+                assert_same(f"{what} grad {name}", p.grad, ref[name].grad)
+        else:
+            assert_same(f"{what} {name}", p, ref[name])
+
+
+def idle_expert_seen(model: nn.Module) -> bool:
+    """Whether, on some rank, some MoE layer of ``model`` gave some expert no token in its latest forward."""
+    layers = mpolab_moe.moe_layers(model).values()
+    idle = torch.tensor(float(any(bool((m.last_stats.tokens_per_expert == 0).any()) for m in layers)))
+    dist.all_reduce(idle)
+    return bool(idle > 0)
+
+
+# ---------------------------------------------------------------------------------------- DDP
+def ddp_worker(rank: int, world: int) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    for kind in KINDS:
+        model = build(kind)
+        reference = copy.deepcopy(model)
+        steps = batches(world)
+        if rank == 1:  # a rank whose weights and no-grad caches differ until DDP broadcasts rank 0's
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01)
+            logits(model.eval(), steps[0][rank])
+            model.train()
+        ddp = DistributedDataParallel(model, find_unused_parameters=False)
+        assert_same(
+            f"{kind}: eval output after DDP's broadcast",
+            logits(model.eval(), steps[0][rank]),
+            logits(reference.eval(), steps[0][rank]),
+        )
+        model.train(), reference.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+        idle = False
+        for step, shards in enumerate(steps):
+            loss = loss_of(ddp, shards[rank], model)
+            loss.backward()
+            idle |= idle_expert_seen(model)
+            ref_loss = reference_step(reference, shards)
+            assert_same(f"{kind} step {step}: loss", mean_over_ranks(loss), ref_loss)
+            assert_same_params(model, reference, f"{kind} step {step}", grads=True)
+            opt.step(), ref_opt.step()
+            opt.zero_grad(), ref_opt.zero_grad()
+        assert_same_params(model, reference, f"{kind} after {STEPS} steps")
+        # eval after the steps: the no-grad caches built before training must not be served
+        assert_same(
+            f"{kind}: eval output after the steps",
+            logits(model.eval(), steps[0][rank]),
+            logits(reference.eval(), steps[0][rank]),
+        )
+        if kind != "compressed":
+            assert idle, f"{kind}: no expert went without tokens; the unused-parameter case was not exercised"
+        # the same global batch gives the single-process model's loss (no aux loss for the compressed model)
+        if kind == "compressed":
+            whole = torch.cat(steps[0])
+            with torch.no_grad():
+                assert_same(
+                    "compressed: full-batch loss",
+                    mean_over_ranks(loss_of(model, steps[0][rank])),
+                    loss_of(reference, whole),
+                )
+
+
+def test_ddp_matches_single_process() -> None:
+    """DDP (find_unused_parameters=False) on compressed and moefied models equals one process."""
+    run_distributed(ddp_worker, WORLD, timeout=110)
+
+
+# ---------------------------------------------------------------------------------------- FSDP2
+def shard(model: nn.Module) -> nn.Module:
+    """FSDP2 with each decoder layer its own unit, the model the root (mpolab.distributed.fully_shard)."""
+    return mdist.fully_shard(model, units=list(model.model.layers))
+
+
+def fsdp_train_and_check(kind: str, rank: int, world: int) -> tuple[nn.Module, nn.Module]:
+    """Shard ``build(kind)``, train it ``STEPS`` Adam steps beside a one-process reference, check every step."""
+    model = build(kind)
+    reference = copy.deepcopy(model)
+    steps = batches(world)
+    logits(model.eval(), steps[0][rank])  # no-grad caches built before sharding must not be served later
+    shard(model)
+    # the optimiser is built before any forward: after one, the root unit keeps its parameters
+    # unsharded (FSDP2 never reshards the root after forward) and model.parameters() returns those
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    assert_same(
+        f"fsdp {kind}: eval output", logits(model.eval(), steps[0][rank]), logits(reference.eval(), steps[0][rank])
+    )
+    model.train(), reference.train()
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    idle = False
+    for step, shards in enumerate(steps):
+        loss = loss_of(model, shards[rank])
+        loss.backward()
+        idle |= idle_expert_seen(model)
+        ref_loss = reference_step(reference, shards)
+        assert_same(f"fsdp {kind} step {step}: loss", mean_over_ranks(loss), ref_loss)
+        assert_same_params(model, reference, f"fsdp {kind} step {step}", grads=True)
+        opt.step(), ref_opt.step()
+        opt.zero_grad(), ref_opt.zero_grad()
+        # an evaluation between steps, as a training loop's validation does: must see the new weights
+        assert_same(
+            f"fsdp {kind} step {step}: eval output",
+            logits(model.eval(), steps[0][rank]),
+            logits(reference.eval(), steps[0][rank]),
+        )
+        model.train(), reference.train()
+    assert_same_params(model, reference, f"fsdp {kind} after {STEPS} steps")
+    if kind != "compressed":
+        assert idle, f"fsdp {kind}: no expert went without tokens; the unused-parameter case was not exercised"
+    return model, reference
+
+
+def fsdp_worker(rank: int, world: int, folder: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    for kind in KINDS:
+        model, reference = fsdp_train_and_check(kind, rank, world)
+        out = Path(folder) / kind
+        dcp.save(get_model_state_dict(model), checkpoint_id=out / "dcp")
+        written = mdist.save_gathered(model, out / "mpolab", base=build(kind) if rank == 0 else None)
+        assert (written is not None) == (rank == 0)
+        if rank == 0:
+            torch.save(reference.state_dict(), out / "reference.pt")
+
+
+def reference_for(folder: Path, kind: str) -> nn.Module:
+    model = build(kind)
+    model.load_state_dict(torch.load(folder / kind / "reference.pt", weights_only=True))
+    return model.eval()
+
+
+def load_worker(rank: int, world: int, folder: str) -> None:
+    """On ``world`` ranks: both checkpoints of the 2-rank run load into a model sharded ``world`` ways."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    ids = batches(world)[0][rank]
+    for kind in KINDS:
+        reference = reference_for(Path(folder), kind)
+        want = logits(reference, ids)
+        model = shard(build(kind))
+        state = get_model_state_dict(model)
+        dcp.load(state, checkpoint_id=Path(folder) / kind / "dcp")
+        set_model_state_dict(model, state)
+        assert_same_params(model, reference, f"{kind}: dcp checkpoint on {world} ranks")
+        assert_same(f"{kind}: output after dcp load on {world} ranks", logits(model.eval(), ids), want)
+        loaded = shard(mpolab.load(Path(folder) / kind / "mpolab", base=build(kind)))
+        assert_same_params(loaded, reference, f"{kind}: mpolab folder on {world} ranks")
+        assert_same(f"{kind}: output after mpolab.load on {world} ranks", logits(loaded.eval(), ids), want)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-rank FSDP2 group: trains and checks every kind, then writes its checkpoints here."""
+    folder = tmp_path_factory.mktemp("fsdp2")
+    run_distributed(fsdp_worker, WORLD, str(folder), timeout=150)
+    return folder
+
+
+def test_fsdp2_matches_single_process(fsdp_run: Path) -> None:
+    """FSDP2 (fully_shard per decoder layer + root) on compressed and moefied models equals one process."""
+    for kind in KINDS:  # the worker checked losses, gradients, parameters and outputs; it wrote these after
+        assert (fsdp_run / kind / "dcp" / ".metadata").is_file()
+        assert (fsdp_run / kind / "mpolab" / "model.safetensors").is_file()
+
+
+def test_checkpoints_from_two_ranks_load_on_one(fsdp_run: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    ids = torch.cat(batches(1)[0])
+    for kind in KINDS:
+        reference = reference_for(fsdp_run, kind)
+        want = logits(reference, ids)
+        model = build(kind).eval()
+        before = logits(model, ids)  # builds the no-grad caches the load must invalidate
+        dcp.load(model.state_dict(), checkpoint_id=fsdp_run / kind / "dcp", no_dist=True)
+        assert_same_params(model, reference, f"{kind}: dcp checkpoint on one process")
+        assert_same(f"{kind}: output after dcp load", logits(model, ids), want)
+        assert not torch.allclose(before, want), "training did not change the outputs; the test proves nothing"
+        loaded = mpolab.load(fsdp_run / kind / "mpolab", base=build(kind)).eval()
+        assert_same_params(loaded, reference, f"{kind}: mpolab folder on one process")
+        assert_same(f"{kind}: output after mpolab.load", logits(loaded, ids), want)
+
+
+def test_checkpoints_from_two_ranks_load_on_four(fsdp_run: Path) -> None:
+    run_distributed(load_worker, 4, str(fsdp_run), timeout=150)
