@@ -10,7 +10,7 @@ from mpolab_moe import MoE, TopKGate
 from mpolab_moe.experts.base import FFNWeights
 from mpolab_moe.experts.dense import DenseExperts
 from mpolab_moe.experts.mpo import MPOExperts, mpoe_param_ratio
-from mpolab_moe.experts.shared_central import SharedCentralMPO
+from mpolab_moe.experts.shared_central import SharedCentralMPO, digit_reversal
 
 
 def _perturb_experts(bank: MPOExperts, scale: float = 0.1) -> None:
@@ -191,3 +191,69 @@ def test_bad_inputs():
         bank.expert_mpo(4)
     with pytest.raises(ValueError, match="path must be"):
         bank.w1(torch.randn(4, 16), [1, 1, 1, 1], path="fast")
+
+
+# ---------------------------------------------------------------------------------------- grouped rebuild
+
+
+def _five_core_bank(gated=False, dtype=torch.float64):
+    """96 <-> 48 in five cores: W1's output and W2's input share their digit groups (grouped rebuild applies)."""
+    torch.manual_seed(0)
+    ffn = FFNWeights(
+        torch.randn(96, 48, dtype=dtype),
+        torch.randn(48, 96, dtype=dtype),
+        w_gate=torch.randn(96, 48, dtype=dtype) if gated else None,
+        b1=None if gated else torch.randn(96, dtype=dtype),
+        b2=None if gated else torch.randn(48, dtype=dtype),
+        activation="silu" if gated else "gelu",
+    )
+    bank = MPOExperts.from_ffn(ffn, 3, options=TruncationOptions(num_cores=5, max_rank=6))
+    _perturb_experts(bank)
+    return bank
+
+
+@pytest.mark.parametrize("side", ["out", "in"])
+def test_grouped_rebuild_is_the_digit_reversed_rebuild_with_its_gradients(side):
+    m = SharedCentralMPO(mpolab.decompose(torch.randn(96, 48, dtype=torch.float64), 5, max_rank=5), 3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    natural = m.rebuild()  # [E, in, out]
+    groups = m.side_groups(side)
+    reference = digit_reversal(natural, groups) if side == "out" else digit_reversal(natural.mT, groups).mT
+    m.hidden_side = side
+    grouped = m.rebuild_grouped()
+    torch.testing.assert_close(grouped, reference)
+    probe = torch.randn_like(grouped)
+    params = list(m.parameters())
+    ours = torch.autograd.grad((grouped * probe).sum(), params)
+    theirs = torch.autograd.grad((reference * probe).sum(), params)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    assert m.rebuild_flops() < 2 * m.num_experts * 96 * 48 * 96  # counted, and below a naive E-fold matrix product
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_bank_with_grouped_rebuild_matches_the_reference_and_its_gradients(gated):
+    bank = _five_core_bank(gated)
+    assert bank.hidden_groups == bank.w1.side_groups("out") and bank.w2.hidden_side == "in"
+    x, counts = torch.randn(13, 48, dtype=torch.float64), [4, 0, 9]
+    out = bank(x, counts)
+    torch.testing.assert_close(out, naive_reference(bank, x, counts))
+    natural = _five_core_bank(gated)
+    for m in natural.matrices().values():
+        m.hidden_side = None  # the natural-order rebuild, as before the grouped one existed
+    out.square().sum().backward()
+    natural(x, counts).square().sum().backward()
+    for (name, p), q in zip(bank.named_parameters(), natural.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    with torch.no_grad():  # the no-grad cache serves the same grouped weights
+        torch.testing.assert_close(bank(x, counts), out)
+
+
+def test_padded_sizes_keep_the_natural_rebuild():
+    ffn = FFNWeights(torch.randn(1009, 16), torch.randn(16, 1009))  # 1009 is prime: padded to 1024
+    bank = MPOExperts.from_ffn(ffn, 2, options=TruncationOptions(num_cores=3, max_rank=4))
+    assert not bank.w1.supports_grouped_rebuild()
+    assert bank.hidden_groups is None and all(m.hidden_side is None for m in bank.matrices().values())
+    assert digit_reversal(torch.arange(6.0), (1, 2, 3)).tolist() == [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]

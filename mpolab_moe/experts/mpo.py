@@ -27,7 +27,7 @@ from mpolab.utils import check_positive_int
 from ..activations import Activation
 from .base import FFNBank, FFNWeights, grouped_ffn
 from .dense import DenseExperts
-from .shared_central import SharedCentralMPO
+from .shared_central import SharedCentralMPO, digit_reversal
 
 __all__ = ["MPOExperts", "mpoe_param_ratio"]
 
@@ -100,8 +100,27 @@ class MPOExperts(FFNBank):
         ref = mpos["w1"]  # biases live with the cores
         self.b1 = nn.Parameter(torch.zeros(E, self.d_ff, device=ref.device, dtype=ref.dtype)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(E, self.out_features, device=ref.device, dtype=ref.dtype)) if bias else None
+        self._use_grouped_rebuild()
         if random:
             self.reset_parameters()
+
+    def _use_grouped_rebuild(self) -> None:
+        """Let the matrices write their weights with the hidden side digit-reversed (no permute copy of the
+        ``E`` weights, see :func:`~mpolab_moe.experts.shared_central.grouped_rebuild`) when the hidden
+        side's digit groups agree between ``W1`` (and ``W_gate``) outputs and ``W2`` inputs and nothing is padded."""
+        first = [m for name, m in self.matrices().items() if name != "w2"]
+        if not all(m.supports_grouped_rebuild() for m in self.matrices().values()):
+            return
+        if any(m.side_groups("out") != self.w2.side_groups("in") for m in first):
+            return
+        for m in first:
+            m.hidden_side = "out"
+        self.w2.hidden_side = "in"
+
+    @property
+    def hidden_groups(self) -> tuple[int, int, int] | None:
+        """Digit groups of the hidden side when the weights are rebuilt digit-reversed (else ``None``)."""
+        return self.w2.side_groups("in") if self.w2.hidden_side == "in" else None
 
     def reset_parameters(self) -> None:
         """Random cores with ``nn.Linear``'s weight variance for every expert (experts differ), zero biases."""
@@ -195,15 +214,18 @@ class MPOExperts(FFNBank):
     def forward(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """``x [N, d]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]``.
 
-        When every matrix takes the rebuild path, the stacked weights ``[E, in, out]`` go to the same
+        When every matrix takes the rebuild path, the stacked weights ``[E, in, out]`` (hidden side
+        digit-reversed where :attr:`hidden_groups` says so, ``b1`` reordered to match) go to the same
         expert-by-expert FFN as Switch's dense experts (:func:`~mpolab_moe.experts.base.chunked_ffn`);
         otherwise each matrix applies itself (through its cores where that is cheaper).
         """
         matrices = self.matrices()
         if x.shape[0] and all(m.choose_path(x.shape[0]) == "dense" for m in matrices.values()):
-            w = {name: m.expert_weights() for name, m in matrices.items()}
+            w = {name: m.grouped_weights() for name, m in matrices.items()}
+            groups = self.hidden_groups
+            b1 = self.b1 if self.b1 is None or groups is None else digit_reversal(self.b1, groups)
             return grouped_ffn(
-                x, counts, w["w1"], w["w2"], self.act, w_gate=w.get("w_gate"), b1=self.b1, b2=self.expert_bias()
+                x, counts, w["w1"], w["w2"], self.act, w_gate=w.get("w_gate"), b1=b1, b2=self.expert_bias()
             )
         return super().forward(x, counts)
 

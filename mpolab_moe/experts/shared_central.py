@@ -59,6 +59,92 @@ def _block_expression(shapes: tuple[tuple[int, ...], ...], side: str) -> Any:
     return opt_einsum.contract_expression(f"{lhs}->{out}", *shapes, optimize="auto-hq")
 
 
+# ---------------------------------------------------------------------------------------- fast rebuild
+def reversed_blocks(left: Tensor, central: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The blocks of the same matrices with the core chain read right to left (views, no copies).
+
+    ``left [E, I_L, J_L, r_L]``, ``central [r_L, i_c, j_c, r_R]``, ``right [E, r_R, I_R, J_R]`` become
+    ``[E, I_R, J_R, r_R]``, ``[r_R, i_c, j_c, r_L]``, ``[E, r_L, I_L, J_L]``: :func:`grouped_rebuild`
+    of these writes the output side in natural order and the input side digit-reversed.
+    """
+    return right.permute(0, 2, 3, 1), central.permute(3, 1, 2, 0), left.permute(0, 3, 1, 2)
+
+
+def grouped_rebuild(left: Tensor, central: Tensor, right: Tensor) -> Tensor:
+    """All ``E`` matrices, input side natural, output side digit-reversed: ``[E, J_L·j_c·J_R, I_R·i_c·I_L]``.
+
+    ``W_e[(jL, jc, jR), (iR, ic, iL)] = Σ_ab L_e[iL, jL, a] C[a, ic, jc, b] R_e[b, iR, jR]`` for
+    ``left [E, I_L, J_L, r_L]`` (the merged auxiliary cores before the central one), ``central
+    [r_L, i_c, j_c, r_R]`` and ``right [E, r_R, I_R, J_R]``.
+
+    Why this layout: a matrix whose row and column indices both interleave factors of all three
+    blocks cannot be the output of a GEMM in natural order on both sides (the last GEMM's two free
+    groups are contiguous), so a natural ``[E, J, I]`` costs a permute copy of all ``E`` matrices.
+    Reversing the three digit groups of one side (an FFN's hidden side, which no one outside the
+    FFN sees) lets the last GEMM write each ``[(jR iR), (ic iL)]`` tile in place: the output is
+    consumed by the grouped GEMM as it is, forward and backward. The first GEMM (``L ⊗ C``, the
+    cheaper one) runs as one large GEMM over all experts; its result is reordered once per pass.
+    FLOPs: ``2·E·r_L·(I_L·J_L)·(i_c·j_c·r_R) + 2·E·r_R·(I_R·J_R)·(J_L·j_c·i_c·I_L)``.
+    """
+    out: Tensor = _GroupedRebuild.apply(left, central, right)
+    return out
+
+
+class _GroupedRebuild(torch.autograd.Function):
+    """:func:`grouped_rebuild` with a backward of large GEMMs and batched GEMMs on the same layouts."""
+
+    @staticmethod
+    def forward(ctx: Any, left: Tensor, central: Tensor, right: Tensor) -> Tensor:
+        E, I_L, J_L, A = left.shape
+        _, i_c, j_c, B = central.shape
+        I_R, J_R = right.shape[2], right.shape[3]
+        M, G = j_c * B * i_c, J_L * j_c
+        c_mat = central.permute(2, 3, 1, 0).reshape(M, A)  # [(jc b ic), a]: one copy of the shared core
+        l_mat = left.permute(3, 0, 2, 1).reshape(A, E * J_L * I_L)  # [a, (e jL iL)]
+        t = (c_mat @ l_mat).view(j_c, B, i_c, E, J_L, I_L).permute(3, 4, 0, 1, 2, 5).contiguous()
+        t = t.view(E, G, B, i_c * I_L)  # [e, (jL jc), b, (ic iL)]
+        r_mat = right.permute(0, 3, 2, 1).reshape(E, J_R * I_R, B)  # [e, (jR iR), b]
+        w = left.new_empty(E, G, J_R * I_R, i_c * I_L)
+        for e in range(E):  # every (jL, jc) tile of expert e: [(jR iR), b] @ [b, (ic iL)], written in place
+            torch.bmm(r_mat[e].expand(G, -1, -1), t[e], out=w[e])
+        ctx.save_for_backward(c_mat, l_mat, t, r_mat)
+        ctx.sizes = (E, I_L, J_L, A, i_c, j_c, B, I_R, J_R)
+        return w.view(E, J_L * j_c * J_R, I_R * i_c * I_L)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        c_mat, l_mat, t, r_mat = ctx.saved_tensors
+        E, I_L, J_L, A, i_c, j_c, B, I_R, J_R = ctx.sizes
+        G, M = J_L * j_c, j_c * B * i_c
+        grad = grad.contiguous().view(E, G, J_R * I_R, i_c * I_L)
+        g_t = grad.new_empty(E, G, B, i_c * I_L)
+        g_r = grad.new_empty(E, J_R * I_R, B)
+        for e in range(E):
+            torch.bmm(r_mat[e].T.expand(G, -1, -1), grad[e], out=g_t[e])
+            torch.mm(grad[e, 0], t[e, 0].T, out=g_r[e])
+            for g in range(1, G):
+                g_r[e].addmm_(grad[e, g], t[e, g].T)
+        g_tm = g_t.view(E, J_L, j_c, B, i_c, I_L).permute(2, 3, 4, 0, 1, 5).reshape(M, E * J_L * I_L)
+        g_c = (g_tm @ l_mat.T).view(j_c, B, i_c, A).permute(3, 2, 0, 1) if ctx.needs_input_grad[1] else None
+        g_l = (c_mat.T @ g_tm).view(A, E, J_L, I_L).permute(1, 3, 2, 0) if ctx.needs_input_grad[0] else None
+        g_right = g_r.view(E, J_R, I_R, B).permute(0, 3, 2, 1) if ctx.needs_input_grad[2] else None
+        return g_l, g_c, g_right
+
+
+def digit_reversal(values: Tensor, groups: tuple[int, int, int]) -> Tensor:
+    """``values [..., n]`` with the last index ``(d0, d1, d2)`` of sizes ``groups`` reordered to ``(d2, d1, d0)``.
+
+    The hidden order :func:`grouped_rebuild` writes (for ``b1`` of an FFN whose ``W1`` it rebuilds).
+
+    Examples:
+        >>> digit_reversal(torch.arange(6.0), (1, 2, 3)).tolist()
+        [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
+    """
+    lead = values.shape[:-1]
+    n = len(lead)
+    return values.reshape(*lead, *groups).permute(*range(n), n + 2, n + 1, n).reshape(*lead, -1)
+
+
 # ---------------------------------------------------------------------------------------- one matrix
 class SharedCentralMPO(nn.Module):
     """One matrix ``W_e: [out_features, in_features]`` for ``E`` experts in MPOE form.
@@ -75,6 +161,9 @@ class SharedCentralMPO(nn.Module):
 
     #: set by :func:`mpolab.materialize`: all ``E`` weights built once per optimiser step (``None``: every forward)
     step_weight: StepWeight | None = None
+    #: the side an FFN keeps private (``"out"`` for ``W1``/``W_gate``, ``"in"`` for ``W2``), which
+    #: :meth:`grouped_weights` writes digit-reversed (:func:`grouped_rebuild`); ``None``: natural order
+    hidden_side: str | None = None
 
     def __init__(self, mpo: mpolab.MPO, num_experts: int) -> None:
         super().__init__()
@@ -86,6 +175,7 @@ class SharedCentralMPO(nn.Module):
         self.left = nn.ParameterList(stack(core) for core in mpo.cores[:c])
         self.right = nn.ParameterList(stack(core) for core in mpo.cores[c + 1 :])
         self._cache = VersionedCache()
+        self._natural_cache = VersionedCache()  # natural-order weights when grouped_weights() reverses a side
 
     # ------------------------------------------------------------------ structure
     @property
@@ -149,18 +239,66 @@ class SharedCentralMPO(nn.Module):
         One contraction for all experts; under :func:`mpolab.materialize` once per optimiser step (a
         leaf collecting the step's gradient); served from a cache in no-grad mode until a parameter changes.
         """
+        if self.hidden_side is None:
+            return self.grouped_weights()
+        if self._needs_grad():
+            return self.rebuild()
+        return self._natural_cache.get(self.stacked_cores(), self.rebuild)
+
+    def side_groups(self, side: str) -> tuple[int, int, int]:
+        """Sizes of the three digit groups (before, at, after the central core) of the ``"out"`` or ``"in"`` side."""
+        factors = self.out_factors if side == "out" else self.in_factors
+        c = self.central_index
+        return math.prod(factors[:c]), factors[c], math.prod(factors[c + 1 :])
+
+    def supports_grouped_rebuild(self) -> bool:
+        """Whether :func:`grouped_rebuild` applies: no zero padding on either side."""
+        return math.prod(self.out_factors) == self.out_features and math.prod(self.in_factors) == self.in_features
+
+    def rebuild_grouped(self) -> Tensor:
+        """All experts' matrices ``[E, in_features, out_features]`` now, the :attr:`hidden_side` digit-reversed."""
+        if self.hidden_side is None:
+            return self.rebuild()
+        L, R = self._blocks()
+        if self.hidden_side == "out":
+            return grouped_rebuild(L, self.central, R)
+        return grouped_rebuild(*reversed_blocks(L, self.central, R))
+
+    def rebuild_flops(self) -> int:
+        """FLOPs of one forward :meth:`rebuild_grouped` (its backward costs twice as much): the two
+        large GEMMs of :func:`grouped_rebuild`, or opt_einsum's count for the natural-order rebuild."""
+        if self.hidden_side is None:
+            shapes = self._shapes()
+            return _opt_cost(_rebuild_expression(shapes, self.central_index), shapes).flops
+        E = self.num_experts
+        r_L, i_c, j_c, r_R = (int(d) for d in self.central.shape)
+        I_L, _, I_R = self.side_groups("out")
+        J_L, _, J_R = self.side_groups("in")
+        if self.hidden_side == "in":  # the chain read right to left (reversed_blocks)
+            r_L, I_L, J_L, r_R, I_R, J_R = r_R, I_R, J_R, r_L, I_L, J_L
+        return 2 * E * r_L * (I_L * J_L) * (i_c * j_c * r_R) + 2 * E * r_R * (I_R * J_R) * (J_L * j_c * i_c * I_L)
+
+    def grouped_weights(self) -> Tensor:
+        """What the grouped GEMM consumes: ``[E, in_features, out_features]``, the hidden side digit-reversed.
+
+        Materialised once per optimiser step under :func:`mpolab.materialize`; cached in no-grad mode.
+        Equals :meth:`expert_weights` when :attr:`hidden_side` is ``None``.
+        """
         cores = self.stacked_cores()
         if self._needs_grad():
-            return self.rebuild() if self.step_weight is None else self.step_weight.get(cores, self.rebuild)
+            if self.step_weight is None:
+                return self.rebuild_grouped()
+            return self.step_weight.get(cores, self.rebuild_grouped)
         if self.step_weight is not None and (held := self.step_weight.peek(cores)) is not None:
             return held
-        return self._cache.get(cores, self.rebuild)
+        return self._cache.get(cores, self.rebuild_grouped)
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._natural_cache.clear()
 
     def _apply(self, fn: Any, recurse: bool = True) -> SharedCentralMPO:  # .to(), .half(), ...
-        self._cache.clear()
+        self.clear_cache()
         return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ through the cores ("cores" path)
