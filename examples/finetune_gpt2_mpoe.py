@@ -4,10 +4,12 @@ Build a GPT-2 (a tiny random config by default, or any local checkpoint with ``-
 turn the MLPs (``Conv1D`` weights) of its last two blocks into MPOE layers (8 experts sharing each
 matrix's central tensor, top-1 routing, upcycled from the MLP), and train the answer tokens with
 the load-balancing loss added and MPOE's gradient mask on the optimizer. Prints the loss, the
-routing balance and the held-out accuracy of greedy answers.
+routing balance, training tokens/s of Switch and MPOE side by side and the held-out
+accuracy of greedy answers.
 
     python examples/finetune_gpt2_mpoe.py
     python examples/finetune_gpt2_mpoe.py --trainer          # inside a Hugging Face Trainer
+    python examples/finetune_gpt2_mpoe.py --grad-accum 8 # 8 micro-batches per step, MPO weights built once per step
     python examples/finetune_gpt2_mpoe.py --model ./gpt2     # a local checkpoint (no download)
 """
 

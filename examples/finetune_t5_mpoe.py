@@ -4,10 +4,12 @@ What a user's script looks like: build a T5 (a tiny random config by default, or
 checkpoint with ``--model PATH``), turn the FFNs of the last encoder and the last decoder block into
 MPOE layers (8 experts sharing each matrix's central tensor, top-1 routing, upcycled from the FFN),
 then train with the load-balancing loss added to the task loss and MPOE's gradient mask on the
-optimizer. Prints the loss, the routing balance and the held-out exact-match accuracy.
+optimizer. Prints the loss, the routing balance, training tokens/s of Switch and MPOE side by
+side and the held-out exact-match accuracy.
 
     python examples/finetune_t5_mpoe.py                    # tiny random T5, ~300 steps
     python examples/finetune_t5_mpoe.py --trainer          # the same inside a Hugging Face Trainer
+    python examples/finetune_t5_mpoe.py --grad-accum 8 # 8 micro-batches per step, MPO weights built once per step
     python examples/finetune_t5_mpoe.py --model ./t5-small # a local checkpoint (no download)
 """
 
