@@ -60,6 +60,7 @@ class Case:
     num_experts: int = 4
     placement: tuple[int, ...] | None = None
     steps: int = 3
+    skew: bool = False  # every token to the last expert: the other ranks' experts receive no row
 
 
 def _build(case: Case) -> MoE:
@@ -88,12 +89,17 @@ def _build(case: Case) -> MoE:
         return MoE(SoftMergeGate(D, E), bank)
     else:
         raise AssertionError(case.bank)
+    if case.skew:  # with positive inputs the last expert always wins
+        with torch.no_grad():
+            gate.weight.fill_(-0.1)
+            gate.weight[E - 1].fill_(0.5)
     return MoE(gate, bank, capacity_factor=case.capacity_factor)
 
 
-def _batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(step: int, world: int, positive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(world * T, D, generator=g), torch.randn(world * T, D, generator=g)
+    x = torch.rand(world * T, D, generator=g) if positive else torch.randn(world * T, D, generator=g)
+    return x, torch.randn(world * T, D, generator=g)
 
 
 def _task(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -140,15 +146,17 @@ def _run_case(case: Case, rank: int, world: int) -> None:
     rows = slice(rank * T, (rank + 1) * T)
     dropped = 0
     for step in range(case.steps):
-        x, target = _batch(step, world)
+        x, target = _batch(step, world, positive=case.skew)
+        x_ref = x.clone().requires_grad_()
+        x_ep = x[rows].clone().requires_grad_()  # the layer's input gradient goes back through the exchange
         # the single-process reference: every rank's micro-batch through the whole layer
-        outs = [ref(x[r * T : (r + 1) * T]) for r in range(world)]
+        outs = [ref(x_ref[r * T : (r + 1) * T]) for r in range(world)]
         y_ref = torch.cat(outs)
         task_ref = torch.stack([_task(o, target[r * T : (r + 1) * T]) for r, o in enumerate(outs)]).mean()
-        global_aux = ref.gate(x).aux_loss  # the balance loss of the global batch, and the mean z-loss
+        global_aux = ref.gate(x_ref).aux_loss  # the balance loss of the global batch, and the mean z-loss
         loss_ref = task_ref + (global_aux if global_aux is not None else 0)
         # expert-parallel: this rank's micro-batch
-        y = ep(x[rows])
+        y = ep(x_ep)
         loss = _task(y, target[rows]) + (ep.aux_loss if ep.aux_loss is not None else 0)
         where = f"{case} step {step}"
         _close(f"{where}: output", y, y_ref[rows])
@@ -157,12 +165,17 @@ def _run_case(case: Case, rank: int, world: int) -> None:
         _close(f"{where}: loss", mean_loss / world, loss_ref.detach())
         stats = ep.last_stats
         assert stats is not None and stats.num_tokens == world * T
+        if case.skew:
+            assert int(stats.tokens_per_expert[-1]) == world * T, stats
         dropped += stats.dropped
         opt_ref.zero_grad()
         opt_ep.zero_grad()
         loss_ref.backward()
         loss.backward()
         average_replicated_gradients(ep)
+        # d(sum of the ranks' losses)/d(this rank's input) = world x d(mean loss)/d(input)
+        assert x_ep.grad is not None and x_ref.grad is not None
+        _close(f"{where}: input gradient", x_ep.grad / world, x_ref.grad[rows])
         if step == 0:
             assert _compare_params(ref, ep, grads=True, where=where) >= 2
         opt_ref.step()
@@ -187,6 +200,8 @@ CASES_2 = [
     Case("lora", k=2),
     Case("ia3"),
     Case("dense", k=2, num_experts=3, placement=(2, 1)),
+    Case("mpo", k=1, skew=True, mask=True),
+    Case("dense", k=1, skew=True),
 ]
 
 CASES_4 = [
@@ -195,6 +210,7 @@ CASES_4 = [
     Case("mpo", k=2, mask=True, num_experts=8),
     Case("mpo", k=1, capacity_factor=1.25, mask=True, num_experts=8),
     Case("dense", k=2, num_experts=6, placement=(2, 2, 1, 1)),
+    Case("mpo", k=1, skew=True, num_experts=8),
 ]
 
 

@@ -22,7 +22,7 @@ from .api import (
     shard_experts,
 )
 from .bank import ExpertParallelBank
-from .collectives import ByteCounter, CollectiveError, all_to_all
+from .collectives import ByteCounter, CollectiveError, all_to_all, default_expert_group
 from .sharding import expert_tensor_names, local_bank, register_expert_tensors
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "GroupReducer",
     "all_to_all",
     "average_replicated_gradients",
+    "default_expert_group",
     "distributed_gradient_mask",
     "even_placement",
     "expert_parallel",

@@ -13,8 +13,9 @@ expert's gradient is that of the mean of the ranks' losses too, the same quantit
 gives the replicated parameters. The shared central tensors of MPOE collect on each rank the
 gradient of the rows its own experts computed; DDP's average of those partial sums is again the
 gradient of the mean loss. Gate statistics that the method defines over the batch (the balance
-loss) are summed over the group with a differentiable all-reduce whose backward sums too, so the
-aux loss is the global batch's and its gradient is right under DDP's average. Per-token
+loss) are summed over the group with a differentiable all-reduce whose backward multiplies by the
+group size (every rank backpropagates the same aux loss), so the aux loss is the global batch's
+and its gradient is right under DDP's average. Per-token
 means (router z-loss) stay local: DDP's average of equal-sized local means is the global mean.
 Expert tensors must be kept out of DDP: :func:`ignore_expert_tensors_in_ddp`.
 """
@@ -33,7 +34,15 @@ from ..gates.base import BankBoundGate
 from ..grad_mask import GradientMask
 from ..layer import MoE, moe_layers
 from .bank import ExpertParallelBank, collective_device
-from .collectives import GroupSum, all_gather_rows, group_rank, group_size, named_collective, require_initialized
+from .collectives import (
+    GroupSum,
+    all_gather_rows,
+    default_expert_group,
+    group_rank,
+    group_size,
+    named_collective,
+    require_initialized,
+)
 from .sharding import expert_tensor_names, local_bank
 
 __all__ = [
@@ -142,7 +151,9 @@ def expert_parallel(
 
     Args:
         moe: a :class:`MoE` with a sparse-capable gate (soft gates run every expert on every token).
-        group: the expert-parallel process group (``None``: the default group).
+        group: the expert-parallel process group (``None``: one group over every rank made for
+            expert parallelism, :func:`default_expert_group`, so its collectives never queue
+            with DDP's on the default group).
         placement: experts per rank (contiguous ranges in rank order); ``None``: ``E / world`` each.
         global_aux: sum the gate's batch statistics over the group (the balance loss of the
             global batch); ``False`` keeps them per rank.
@@ -162,6 +173,8 @@ def expert_parallel(
         >>> moe = expert_parallel(MoE(TopKGate(768, 64, k=2), MPOExperts(768, 3072, 64)))  # doctest: +SKIP
     """
     require_initialized("expert_parallel")
+    if group is None:
+        group = default_expert_group()
     if not isinstance(moe, MoE):
         raise TypeError(f"expert_parallel expects a mpolab_moe.MoE layer, got {type(moe).__name__}")
     if isinstance(moe.experts, ExpertParallelBank):
@@ -220,6 +233,9 @@ def shard_experts(
         {'model.layers.0.mlp': (0, 4), ...}
     """
     layers = moe_layers(model)
+    if layers and group is None:
+        require_initialized("shard_experts")
+        group = default_expert_group()
     if not layers:
         raise ValueError(f"{type(model).__name__} has no mpolab_moe.MoE layer to shard (moefy or upcycle it first)")
     out = {}

@@ -197,11 +197,14 @@ class ExpertParallelBank(ExpertBank):
         rows = received.index_select(0, gather)
         if rows.shape[0]:
             y_local = self.local(rows, local_counts)
-        else:  # nothing to compute; keep every parameter in the graph (DDP, and Adam's zero-gradient steps)
+        else:
+            # Nothing to compute, but the graph must look as if: the received rows (so the dispatch's
+            # backward exchange runs here as on every other rank) and every parameter (DDP expects
+            # their gradients; Adam steps them with zeros as it does in one process) stay in it.
             y_local = rows.new_zeros(0, self.out_features)
-            trainable = [p.sum() for p in self.local.parameters() if p.requires_grad]
-            if trainable and torch.is_grad_enabled():
-                y_local = y_local + 0 * torch.stack(trainable).sum().to(y_local.dtype)
+            if torch.is_grad_enabled():
+                tied = [rows.sum()] + [p.sum().to(rows.dtype) for p in self.local.parameters() if p.requires_grad]
+                y_local = y_local + 0 * torch.stack(tied).sum()
         back = y_local.new_zeros(received.shape[0], y_local.shape[-1]).index_copy(0, gather, y_local)
         returned = all_to_all(back, recv, send, group=self.group, name="combine", counter=self.counter)
         y = returned if slot is None else returned.index_select(0, slot)

@@ -7,8 +7,8 @@ process group's ``timeout`` (``dist.init_process_group(..., timeout=datetime.tim
 torch's default is 10 minutes for gloo and NCCL): that bounds a hang when one rank dies or skips
 a MoE forward.
 
-* :class:`GroupSum`: a differentiable sum over the group (backward: the sum of the incoming
-  gradients over the group), used by the gates for batch statistics that are global.
+* :class:`GroupSum`: a differentiable sum over the group (backward: ``world`` times the incoming
+  gradient, no collective), used by the gates for batch statistics that are global.
 * :func:`all_to_all`: ``all_to_all_single`` with autograd (backward: the reverse exchange), an
   optional :class:`ByteCounter`, and the named errors in both directions.
 
@@ -33,6 +33,7 @@ __all__ = [
     "ByteCounter",
     "CollectiveError",
     "GroupSum",
+    "default_expert_group",
     "all_gather_rows",
     "all_to_all",
     "group_rank",
@@ -55,6 +56,34 @@ def require_initialized(where: str) -> None:
             f"{where} needs an initialised process group: call torch.distributed.init_process_group() first "
             "(launch with `torchrun --nproc-per-node N script.py`, which sets RANK/WORLD_SIZE/MASTER_ADDR)"
         )
+
+
+_EXPERT_GROUP: dict[str, Any] = {}
+
+
+def default_expert_group() -> Any:
+    """A process group over every rank, made once, for the expert exchange (``group=None`` means it).
+
+    The all-to-alls run inside autograd's backward, while DDP launches its gradient all-reduces
+    from hooks as buckets fill; on one shared group the two could be queued in a different order
+    on different ranks. A group of their own keeps them apart. It takes the default group's
+    timeout (``init_process_group(timeout=...)``); ``dist.new_group`` alone would take the
+    backend's default (30 minutes for gloo). Every rank must make it at the same point: the first
+    :func:`~mpolab_moe.parallel.expert_parallel` call with ``group=None`` does.
+    """
+    world = dist.distributed_c10d._get_default_group()
+    cached = _EXPERT_GROUP.get("group")
+    if cached is not None and _EXPERT_GROUP.get("world") is world:
+        return cached
+    timeout = None
+    try:  # the default group's timeout (private API; falls back to the backend default)
+        backend = world._get_backend(torch.device("cpu" if dist.get_backend() != "nccl" else "cuda"))
+        timeout = backend.options._timeout
+    except (AttributeError, RuntimeError):
+        timeout = None
+    group = dist.new_group(list(range(dist.get_world_size())), timeout=timeout)
+    _EXPERT_GROUP.update(group=group, world=world)
+    return group
 
 
 def group_size(group: Any = None) -> int:
@@ -135,16 +164,20 @@ class ByteCounter:
 
 
 class GroupSum(torch.autograd.Function):
-    """``all_reduce(SUM)`` with autograd: the backward sums the incoming gradients over the group.
+    """``all_reduce(SUM)`` with autograd; the backward multiplies the incoming gradient by the group size.
 
-    When every rank puts the same loss on the result, each rank's input then gets ``world``
-    times its share of the gradient; averaged by DDP that is exactly the gradient of the loss on
-    the global batch (see ``docs/distributed.md``, "Gradient scaling").
+    Every rank puts the same loss on the (identical) result, so the gradient of the sum of the
+    ranks' losses with respect to one rank's input is ``world`` times its own incoming gradient;
+    averaged by DDP that is exactly the gradient of the loss on the global batch (see
+    ``docs/distributed.md``, "Gradient convention"). The backward runs no collective on purpose:
+    autograd may reach independent branches in a different order on different ranks, and a
+    collective there could pair with another rank's all-to-all and hang. It assumes every rank
+    weights the result the same (the aux-loss coefficient is the same on every rank).
     """
 
     @staticmethod
     def forward(ctx: Any, tensor: Tensor, group: Any, what: str) -> Tensor:
-        ctx.group, ctx.what = group, what
+        ctx.world = group_size(group)
         out = tensor.clone(memory_format=torch.contiguous_format)
         with named_collective(f"all_reduce of {what}", group):
             dist.all_reduce(out, group=group)
@@ -152,10 +185,7 @@ class GroupSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        out = grad.clone(memory_format=torch.contiguous_format)
-        with named_collective(f"all_reduce of {ctx.what} (backward)", ctx.group):
-            dist.all_reduce(out, group=ctx.group)
-        return out, None, None
+        return grad * ctx.world, None, None
 
 
 class _AllToAll(torch.autograd.Function):
