@@ -121,9 +121,12 @@ class _GroupedRebuild(torch.autograd.Function):
         g_r = grad.new_empty(E, J_R * I_R, B)
         for e in range(E):
             torch.bmm(r_mat[e].T.expand(G, -1, -1), grad[e], out=g_t[e])
-            torch.mm(grad[e, 0], t[e, 0].T, out=g_r[e])
-            for g in range(1, G):
-                g_r[e].addmm_(grad[e, g], t[e, g].T)
+            # Σ over the G tiles as ONE GEMM with a long inner dimension (G·i_c·I_L): this reorders one
+            # expert's gradient at a time. G accumulating GEMMs with inner dimension i_c·I_L instead ran
+            # at a few GFLOP/s (measured: 1.6 s of a 4.3 s rebuild backward at T5-base's exact ranks).
+            if ctx.needs_input_grad[2]:
+                tiles = grad[e].transpose(0, 1).reshape(J_R * I_R, -1)
+                torch.mm(tiles, t[e].transpose(0, 1).reshape(B, -1).T, out=g_r[e])
         g_tm = g_t.view(E, J_L, j_c, B, i_c, I_L).permute(2, 3, 4, 0, 1, 5).reshape(M, E * J_L * I_L)
         g_c = (g_tm @ l_mat.T).view(j_c, B, i_c, A).permute(3, 2, 0, 1) if ctx.needs_input_grad[1] else None
         g_l = (c_mat.T @ g_tm).view(A, E, J_L, I_L).permute(1, 3, 2, 0) if ctx.needs_input_grad[0] else None
