@@ -82,8 +82,14 @@ def grouped_rebuild(left: Tensor, central: Tensor, right: Tensor) -> Tensor:
     groups are contiguous), so a natural ``[E, J, I]`` costs a permute copy of all ``E`` matrices.
     Reversing the three digit groups of one side (an FFN's hidden side, which no one outside the
     FFN sees) lets the last GEMM write each ``[(jR iR), (ic iL)]`` tile in place: the output is
-    consumed by the grouped GEMM as it is, forward and backward. The first GEMM (``L ⊗ C``, the
-    cheaper one) runs as one large GEMM over all experts; its result is reordered once per pass.
+    consumed by the grouped GEMM as it is, and its gradient comes back in the same layout. The
+    first GEMM (``L ⊗ C``, the cheaper one) runs as one large GEMM over all experts; its result
+    ``[E, J_L·j_c, r_R, i_c·I_L]`` (the size of ``W`` at exact ranks, a sixth of it at rank 64) is
+    reordered once in forward and once in backward. The backward also reorders the incoming
+    gradient one expert at a time, so that the right block's gradient is one GEMM with a long inner
+    dimension (the alternative, ``J_L·j_c`` accumulating GEMMs of inner size ``i_c·I_L``, ran at
+    a few GFLOP/s on CPU). The order of the two GEMMs is fixed by the layout (``L ⊗ C`` first,
+    then ``R``; the mirror for the other hidden side); both run batched over the experts.
     FLOPs: ``2·E·r_L·(I_L·J_L)·(i_c·j_c·r_R) + 2·E·r_R·(I_R·J_R)·(J_L·j_c·i_c·I_L)``.
     """
     out: Tensor = _GroupedRebuild.apply(left, central, right)
@@ -91,7 +97,7 @@ def grouped_rebuild(left: Tensor, central: Tensor, right: Tensor) -> Tensor:
 
 
 class _GroupedRebuild(torch.autograd.Function):
-    """:func:`grouped_rebuild` with a backward of large GEMMs and batched GEMMs on the same layouts."""
+    """:func:`grouped_rebuild`: large GEMMs and batched GEMMs forward and backward (see its docstring)."""
 
     @staticmethod
     def forward(ctx: Any, left: Tensor, central: Tensor, right: Tensor) -> Tensor:
