@@ -107,6 +107,17 @@ def assert_same_params(model: nn.Module, reference: nn.Module, what: str, grads:
             assert_same(f"{what} {name}", p, ref[name])
 
 
+def cached_weights(model: nn.Module) -> list[str]:
+    """Names of the modules that hold a no-grad weight cache now (MPO layers, MPOE matrices)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    held = []
+    for owner in mdist.cache_owners(model):
+        cache = getattr(owner, "_cache", None)
+        if cache is not None and getattr(cache, "_entry", None) is not None:
+            held.append(names[id(owner)])
+    return held
+
+
 def idle_expert_seen(model: nn.Module) -> bool:
     """Whether, on some rank, some MoE layer of ``model`` gave some expert no token in its latest forward."""
     layers = mpolab_moe.moe_layers(model).values()
@@ -155,6 +166,8 @@ def ddp_worker(rank: int, world: int) -> None:
             logits(model.eval(), steps[0][rank]),
             logits(reference.eval(), steps[0][rank]),
         )
+        if kind != "dense":  # MPO layers and MPOE matrices cache their weights; dense experts have none
+            assert cached_weights(model), f"{kind}: no weight cache was used; the stale-cache check proves nothing"
         if kind != "compressed":
             assert idle, f"{kind}: no expert went without tokens; the unused-parameter case was not exercised"
         # the same global batch gives the single-process model's loss (no aux loss for the compressed model)
@@ -210,6 +223,7 @@ def fsdp_train_and_check(kind: str, rank: int, world: int) -> tuple[nn.Module, n
             logits(model.eval(), steps[0][rank]),
             logits(reference.eval(), steps[0][rank]),
         )
+        assert not cached_weights(model), f"fsdp {kind}: a dense weight outlived its unit's forward"
         model.train(), reference.train()
     assert_same_params(model, reference, f"fsdp {kind} after {STEPS} steps")
     if kind != "compressed":
