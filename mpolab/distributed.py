@@ -163,13 +163,11 @@ def _has_dtensors(model: nn.Module) -> bool:
     return any(isinstance(t, DTensor) for t in (*model.parameters(), *model.buffers()))
 
 
-def save_gathered(
-    model: nn.Module, path: str | os.PathLike[str], *, base: nn.Module | None = None, rank: int = 0
-) -> Path | None:
+def save_gathered(model: nn.Module, path: str | os.PathLike[str], *, base: nn.Module | None = None) -> Path | None:
     """Write the full model from a DDP, FSDP2 or plain process group as one :func:`mpolab.save` folder.
 
-    Every rank must call it (FSDP2 gathers the shards with collectives); rank ``rank`` writes and
-    the others wait at a barrier, so the folder is complete when any rank returns. The folder
+    Every rank must call it (FSDP2 gathers the shards with collectives); rank 0 writes and the
+    others wait for it, so the folder is complete when any rank returns. The folder
     loads with :func:`mpolab.load` on one process, or on any number of ranks (load, then wrap).
 
     Args:
@@ -178,52 +176,64 @@ def save_gathered(
         path: the folder to write.
         base: for an FSDP2 model only: an unsharded module of the same architecture (same MPO
             ranks, e.g. the model built as before sharding, or :func:`mpolab.load` of the starting
-            folder) on ``rank``; the gathered weights are loaded into it and it is saved. Ignored on
-            other ranks (pass ``None`` there).
-        rank: the rank that writes.
+            folder) on rank 0; the gathered weights are loaded into it and it is saved. Ignored on
+            the other ranks (pass ``None`` there).
 
     Returns:
-        ``path`` as a :class:`~pathlib.Path` on the writing rank, ``None`` on the others.
+        ``path`` as a :class:`~pathlib.Path` on rank 0, ``None`` on the others.
 
     Raises:
-        ValueError: an FSDP2 model without a ``base`` on the writing rank, a sharded ``base``, or
-            a ``base`` whose tensors do not match (``load_state_dict``'s message).
+        ValueError: on every rank, when rank 0 has an FSDP2 model but no ``base`` or a sharded
+            one, or when writing failed there (a ``base`` whose tensors do not match, with
+            ``load_state_dict``'s message; an unwritable folder).
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     distributed = dist.is_available() and dist.is_initialized()
-    me = dist.get_rank() if distributed else rank
+    writer = dist.get_rank() == 0 if distributed else True
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    sharded = _has_dtensors(inner)
+    problem: str | None = None
+    if writer and sharded:
+        if base is None:
+            problem = (
+                "save_gathered of an FSDP2 model needs base=: an unsharded module of the same architecture on "
+                "rank 0 to load the gathered weights into (e.g. the model built as before fully_shard)"
+            )
+        elif _has_dtensors(base):
+            problem = "base must be an unsharded module (its parameters are DTensors)"
+    _raise_everywhere(problem, distributed)  # before the gather, so no rank is left waiting in it
+    full = None
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     written: Path | None = None
-    if _has_dtensors(inner):
-        problem = None
-        if me == rank:
-            if base is None:
-                problem = (
-                    "save_gathered of an FSDP2 model needs base=: an unsharded module of the same architecture on "
-                    f"rank {rank} to load the gathered weights into (e.g. the model built as before fully_shard)"
-                )
-            elif _has_dtensors(base):
-                problem = "base must be an unsharded module (its parameters are DTensors)"
-        if distributed:  # every rank raises, instead of the others hanging in the gather
-            shared = [problem]
-            dist.broadcast_object_list(shared, src=rank)
-            problem = shared[0]
-        if problem is not None:
-            raise ValueError(problem)
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        full = get_model_state_dict(inner, options=options)
-        if me == rank:
-            assert base is not None
-            try:
-                base.load_state_dict(full, strict=True)
-            except RuntimeError as exc:
-                raise ValueError(f"base does not match the sharded model: {exc}") from exc
-            for owner in cache_owners(base):
-                _clear(owner)
-            written = save(base, path)
-    elif me == rank:
-        written = save(inner, path)
-    if distributed:
-        dist.barrier()
+    if writer and not distributed:
+        written = _write(inner, full, base, path)
+    elif writer:
+        try:
+            written = _write(inner, full, base, path)
+        except (RuntimeError, ValueError, OSError) as exc:
+            problem = f"save_gathered failed on rank 0: {type(exc).__name__}: {exc}"
+    _raise_everywhere(problem, distributed)  # instead of the other ranks waiting for a folder never written
     return written
+
+
+def _write(model: nn.Module, full: dict[str, Any] | None, base: nn.Module | None, path: str | os.PathLike[str]) -> Path:
+    """:func:`mpolab.save` of ``model``, or of ``base`` holding the gathered state dict ``full``."""
+    if full is None:
+        return save(model, path)
+    assert base is not None
+    base.load_state_dict(full, strict=True)
+    for owner in cache_owners(base):
+        _clear(owner)
+    return save(base, path)
+
+
+def _raise_everywhere(problem: str | None, distributed: bool) -> None:
+    """Raise ``ValueError(problem)`` on every rank when rank 0 found one (one broadcast)."""
+    if distributed:
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem is not None:
+        raise ValueError(problem)

@@ -127,7 +127,7 @@ def idle_expert_seen(model: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- DDP
-def ddp_worker(rank: int, world: int) -> None:
+def ddp_worker(rank: int, world: int, folder: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     for kind in KINDS:
@@ -166,6 +166,10 @@ def ddp_worker(rank: int, world: int) -> None:
             logits(model.eval(), steps[0][rank]),
             logits(reference.eval(), steps[0][rank]),
         )
+        # one mpolab.save folder from the DDP wrapper (rank 0 writes), loaded back on every rank
+        written = mdist.save_gathered(ddp, Path(folder) / kind)
+        assert (written is not None) == (rank == 0)
+        assert_same_params(mpolab.load(Path(folder) / kind, base=build(kind)), reference, f"{kind}: saved from DDP")
         if kind != "dense":  # MPO layers and MPOE matrices cache their weights; dense experts have none
             assert cached_weights(model), f"{kind}: no weight cache was used; the stale-cache check proves nothing"
         if kind != "compressed":
@@ -181,9 +185,9 @@ def ddp_worker(rank: int, world: int) -> None:
                 )
 
 
-def test_ddp_matches_single_process() -> None:
+def test_ddp_matches_single_process(tmp_path: Path) -> None:
     """DDP (find_unused_parameters=False) on compressed and moefied models equals one process."""
-    run_distributed(ddp_worker, WORLD, timeout=110)
+    run_distributed(ddp_worker, WORLD, str(tmp_path), timeout=110)
 
 
 # ---------------------------------------------------------------------------------------- FSDP2
@@ -243,9 +247,12 @@ def fsdp_worker(rank: int, world: int, folder: str) -> None:
         assert (written is not None) == (rank == 0)
         if rank == 0:
             torch.save(reference.state_dict(), out / "reference.pt")
-    # a sharded model without an unsharded base to gather into: every rank raises, none hangs
+    # a sharded model without an unsharded base to gather into, or with one of another architecture:
+    # every rank raises, none is left waiting
     with pytest.raises(ValueError, match="needs base="):
         mdist.save_gathered(model, Path(folder) / "refused")
+    with pytest.raises(ValueError, match="failed on rank 0: RuntimeError: Error.* loading state_dict"):
+        mdist.save_gathered(model, Path(folder) / "refused", base=build("dense") if rank == 0 else None)
 
 
 def reference_for(folder: Path, kind: str) -> nn.Module:
