@@ -28,11 +28,11 @@ def linear_model(seed=0):
     )
 
 
-def moe_model(seed=0):
+def moe_model(seed=0, d=8, d_ff=32):
     torch.manual_seed(seed)
-    ffn = FFNWeights(torch.randn(32, 8), torch.randn(8, 32), b1=torch.randn(32), b2=torch.randn(8))
+    ffn = FFNWeights(torch.randn(d_ff, d), torch.randn(d, d_ff), b1=torch.randn(d_ff), b2=torch.randn(d))
     bank = MPOExperts.from_ffn(ffn, 4)
-    return nn.Sequential(nn.Linear(8, 8), MoE(TopKGate(8, 4, k=1), bank))
+    return nn.Sequential(nn.Linear(d, d), MoE(TopKGate(d, 4, k=1), bank))
 
 
 def micro_batches(m, rows, width, seed=1):
@@ -109,6 +109,15 @@ def test_mpoe_accumulation_equals_the_plain_path_with_and_without_the_mask(optim
     ours, weights = run(moe_model(), OPTIMIZERS[optimizer], batches, 4, materialized=True, mask_p=mask_p)
     assert_same(plain, ours)
     assert weights.num_flushed == 2 * 4  # w1 and w2, once per step
+
+
+def test_mpoe_with_the_grouped_rebuild_accumulates_exactly():
+    assert moe_model(d=48, d_ff=96)[1].experts.hidden_groups is not None  # the digit-reversed layout is in use
+    batches = micro_batches(3, 40, 48)
+    plain, _ = run(moe_model(d=48, d_ff=96), OPTIMIZERS["adamw"], batches, 3, materialized=False, mask_p=0.5)
+    ours, weights = run(moe_model(d=48, d_ff=96), OPTIMIZERS["adamw"], batches, 3, materialized=True, mask_p=0.5)
+    assert_same(plain, ours)
+    assert weights.num_flushed == 2 * 3
 
 
 @pytest.mark.parametrize("mask_first", [True, False])
