@@ -255,11 +255,12 @@ def _structure_worker(rank: int, world: int) -> None:
     stats = model[0].last_stats
     assert stats is not None and int(stats.tokens_per_expert.sum()) == world * T
     # bytes: the group's routed rows (top-1: one per token) of D fp32 values, there and back
-    sent = torch.tensor([counter.sent])
+    sent = torch.tensor([counter.by_name["dispatch"] + counter.by_name["combine"]])
     dist.all_reduce(sent)
     assert int(sent) == world * T * D * 4 * 2
     assert counter.by_name["dispatch"] == T * D * 4  # this rank's own tokens, every one routed
-    assert set(counter.by_name) == {"dispatch", "combine"}
+    assert set(counter.by_name) == {"routing table", "dispatch", "combine"}
+    assert counter.seconds > 0 and [name for name, _, _ in counter.splits] == ["routing table", "dispatch", "combine"]
 
 
 def test_mpoe_structure_statistics_and_bytes() -> None:

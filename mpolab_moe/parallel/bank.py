@@ -20,6 +20,7 @@ their gradient divided by the group size (see :func:`mpolab_moe.parallel.expert_
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -122,7 +123,12 @@ class ExpertParallelBank(ExpertBank):
     def _gather_table(self, row: list[int], device: torch.device) -> Tensor:
         """``all_gather`` of one int64 row per rank -> ``[world, len(row)]`` on the CPU."""
         mine = torch.tensor(row, dtype=torch.int64, device=device)
-        return all_gather_rows(mine, self.group, "routing counts and configuration").cpu()
+        start = time.perf_counter()
+        table = all_gather_rows(mine, self.group, "routing counts and configuration").cpu()
+        if self.counter is not None:
+            per_rank = [len(row)] * self.world
+            self.counter.add("routing table", per_rank, 8, self.rank, time.perf_counter() - start, per_rank)
+        return table
 
     def _check_agreement(self, table: Tensor, names: list[str], first: int) -> None:
         for c, name in enumerate(names):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,31 +137,53 @@ def all_gather_rows(row: Tensor, group: Any, what: str) -> Tensor:
 
 @dataclass
 class ByteCounter:
-    """Bytes an exchange sent, split into what left this rank and what stayed (its own share).
+    """Bytes and time of the exchanges: what this rank sent, what left it, how long the collectives took.
 
     Attributes:
         sent: bytes this rank handed to ``all_to_all_single`` (every destination, itself included).
         remote: the part of ``sent`` addressed to other ranks.
         calls: number of exchanges counted.
+        seconds: wall time inside the collectives (waiting for the other ranks included).
         by_name: ``sent`` per exchange name (``"dispatch"``, ``"combine"``, ``"dispatch.backward"``, ...).
+        splits: ``(name, send, recv)`` rows per rank of every exchange, in order (to replay them).
+
+    Examples:
+        >>> counter = ByteCounter()
+        >>> counter.add("dispatch", [3, 1], row_bytes=8, me=0, seconds=0.5)
+        >>> counter.sent, counter.remote
+        (32, 8)
     """
 
     sent: int = 0
     remote: int = 0
     calls: int = 0
+    seconds: float = 0.0
     by_name: dict[str, int] = field(default_factory=dict)
+    splits: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
 
-    def add(self, name: str, rows: Sequence[int], row_bytes: int, me: int) -> None:
+    def add(
+        self,
+        name: str,
+        rows: Sequence[int],
+        row_bytes: int,
+        me: int,
+        seconds: float = 0.0,
+        recv: Sequence[int] | None = None,
+    ) -> None:
         """Count one exchange sending ``rows[r]`` rows of ``row_bytes`` bytes to rank ``r``."""
         total = sum(rows) * row_bytes
         self.sent += total
         self.remote += total - rows[me] * row_bytes
         self.calls += 1
+        self.seconds += seconds
         self.by_name[name] = self.by_name.get(name, 0) + total
+        self.splits.append((name, list(rows), list(recv) if recv is not None else []))
 
     def reset(self) -> None:
         self.sent = self.remote = self.calls = 0
+        self.seconds = 0.0
         self.by_name.clear()
+        self.splits.clear()
 
 
 class GroupSum(torch.autograd.Function):
@@ -214,10 +237,11 @@ def _exchange(
     x = x.contiguous()
     out = x.new_empty(sum(recv), *x.shape[1:])
     row_bytes = math.prod(x.shape[1:]) * x.element_size()
+    start = time.perf_counter()
     with named_collective(f"all_to_all_single ({name}: {sum(send)} rows out, {sum(recv)} in)", group):
         dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group)
     if counter is not None:
-        counter.add(name, send, row_bytes, group_rank(group))
+        counter.add(name, send, row_bytes, group_rank(group), time.perf_counter() - start, recv)
     return out
 
 
