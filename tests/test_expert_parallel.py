@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,7 @@ from mpolab_moe.parallel import (
     expert_tensors,
     shard_experts,
 )
+from mpolab_moe.parallel.memory import memory_per_rank, memory_table
 from mpolab_moe.split import random_split
 
 from ._dist import DistributedTestError, run_distributed
@@ -265,6 +267,25 @@ def _structure_worker(rank: int, world: int) -> None:
 
 def test_mpoe_structure_statistics_and_bytes() -> None:
     run_distributed(_structure_worker, 2, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------- the guide
+
+
+@pytest.mark.parametrize(("marker", "max_rank"), [("exact", None), ("64", 64)])
+def test_guide_memory_tables_are_what_the_code_computes(marker: str, max_rank: int | None) -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "distributed.md").read_text(encoding="utf-8")
+    start = page.index(f"<!-- memory-table:{marker} -->\n") + len(f"<!-- memory-table:{marker} -->\n")
+    shown = page[start : page.index("\n<!-- /memory-table -->", start)]
+    assert shown == memory_table(d_model=768, d_ff=3072, experts=(8, 64, 256), world_size=8, max_rank=max_rank)
+
+
+def test_memory_per_rank_counts_the_central_tensor_once() -> None:
+    m = memory_per_rank(768, 3072, 64, 8, max_rank=64)
+    assert m.switch_ep == 8 * 2 * 768 * 3072 + 64 * 768
+    assert m.mpoe_ep - m.central == (m.mpoe_all - m.central - 64 * 768) // 8 + 64 * 768
+    with pytest.raises(ValueError, match="not divisible"):
+        memory_per_rank(768, 3072, 6, 4)
 
 
 # ---------------------------------------------------------------------------------------- bad inputs

@@ -4,7 +4,7 @@ Every collective here goes through :func:`named_collective`: a failure (a peer t
 process group timeout) is re-raised as :class:`CollectiveError` naming the collective, the rank
 and the group size, with the original message kept. How long a rank waits for the others is the
 process group's ``timeout`` (``dist.init_process_group(..., timeout=datetime.timedelta(...))``;
-torch's default is 10 minutes for gloo and NCCL): that bounds a hang when one rank dies or skips
+torch's default is 30 minutes for gloo, 10 for NCCL): that bounds a hang when one rank dies or skips
 a MoE forward.
 
 * :class:`GroupSum`: a differentiable sum over the group (backward: ``world`` times the incoming

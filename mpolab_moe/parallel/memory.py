@@ -60,8 +60,13 @@ class LayerMemory:
     central: int
 
 
-def memory_per_rank(d_model: int, d_ff: int, num_experts: int, world_size: int, *, num_cores: int = 5) -> LayerMemory:
+def memory_per_rank(
+    d_model: int, d_ff: int, num_experts: int, world_size: int, *, num_cores: int = 5, max_rank: int | None = None
+) -> LayerMemory:
     """Parameters per rank of one FFN layer ``d_model -> d_ff -> d_model`` as dense, Switch and MPOE.
+
+    ``max_rank`` caps the MPO bond dimensions (``None``: exact ranks, where the central tensor is
+    as large as the dense matrix).
 
     Raises:
         ValueError: ``num_experts`` not divisible by ``world_size``.
@@ -76,8 +81,8 @@ def memory_per_rank(d_model: int, d_ff: int, num_experts: int, world_size: int, 
     per_rank = even_placement(num_experts, world_size)[0]
     matrix = d_model * d_ff
     gate = d_model * num_experts
-    c1, a1 = mpo_matrix_split(d_ff, d_model, num_cores)
-    c2, a2 = mpo_matrix_split(d_model, d_ff, num_cores)
+    c1, a1 = mpo_matrix_split(d_ff, d_model, num_cores, max_rank)
+    c2, a2 = mpo_matrix_split(d_model, d_ff, num_cores, max_rank)
     return LayerMemory(
         num_experts=num_experts,
         world_size=world_size,
@@ -101,6 +106,7 @@ def memory_table(
     world_size: int = 8,
     *,
     bytes_per_param: int = 4,
+    max_rank: int | None = None,
 ) -> str:
     """A Markdown table of :func:`memory_per_rank` in MiB (``bytes_per_param``: 4 for fp32, 2 for bf16).
 
@@ -113,7 +119,7 @@ def memory_table(
     )
     rows = []
     for E in experts:
-        m = memory_per_rank(d_model, d_ff, E, world_size)
+        m = memory_per_rank(d_model, d_ff, E, world_size, max_rank=max_rank)
         cells = [m.dense, m.switch_all, m.switch_ep, m.mpoe_all, m.mpoe_ep, m.central]
         rows.append(f"| {E} | " + " | ".join(_mib(c, bytes_per_param) for c in cells) + " |")
     return "\n".join([head, *rows])
