@@ -22,13 +22,14 @@ from .api import (
     shard_experts,
 )
 from .bank import ExpertParallelBank
-from .collectives import ByteCounter, CollectiveError, all_to_all, default_expert_group
+from .collectives import ByteCounter, CollectiveError, GroupRef, all_to_all, default_expert_group
 from .sharding import expert_tensor_names, local_bank, register_expert_tensors
 
 __all__ = [
     "ByteCounter",
     "CollectiveError",
     "ExpertParallelBank",
+    "GroupRef",
     "GroupReducer",
     "all_to_all",
     "average_replicated_gradients",

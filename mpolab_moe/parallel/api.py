@@ -35,6 +35,7 @@ from ..grad_mask import GradientMask
 from ..layer import MoE, moe_layers
 from .bank import ExpertParallelBank, collective_device
 from .collectives import (
+    GroupRef,
     GroupSum,
     all_gather_rows,
     default_expert_group,
@@ -69,10 +70,10 @@ class GroupReducer:
     """
 
     def __init__(self, group: Any = None, what: str = "gate batch statistics") -> None:
-        self.group, self.what = group, what
+        self.group, self.what = GroupRef(group), what  # by name: never keeps a destroyed group alive
 
     def __call__(self, tensor: Tensor) -> Tensor:
-        out: Tensor = GroupSum.apply(tensor, self.group, self.what)
+        out: Tensor = GroupSum.apply(tensor, self.group.get(), self.what)
         return out
 
     def __deepcopy__(self, memo: dict[int, Any]) -> GroupReducer:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..experts.base import BankOutput, ExpertBank
-from .collectives import ByteCounter, all_gather_rows, all_to_all, group_rank, group_size
+from .collectives import ByteCounter, GroupRef, all_gather_rows, all_to_all, group_rank, group_size
 
 __all__ = ["ExpertParallelBank", "collective_device"]
 
@@ -75,7 +75,7 @@ class ExpertParallelBank(ExpertBank):
         expert_names: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         super().__init__()
-        self.group = group
+        self._group = GroupRef(group)  # by name: the layer must not keep a destroyed group alive
         self.world, self.rank = group_size(group), group_rank(group)
         self.placement = tuple(int(n) for n in placement)
         if len(self.placement) != self.world or sum(self.placement) != num_experts:
@@ -90,6 +90,11 @@ class ExpertParallelBank(ExpertBank):
         self.num_experts, self.in_features, self.out_features = num_experts, local.in_features, local.out_features
         self.expert_names = frozenset(expert_names)
         self.counter: ByteCounter | None = None
+
+    @property
+    def group(self) -> Any:
+        """The expert-parallel process group (``None``: the default group)."""
+        return self._group.get()
 
     @property
     def output_kind(self) -> BankOutput:  # type: ignore[override]
@@ -199,7 +204,8 @@ class ExpertParallelBank(ExpertBank):
         offsets = lengths.cumsum(0) - lengths
         gather = (torch.repeat_interleave(begins - offsets, lengths) + torch.arange(int(lengths.sum()))).to(dev)
         local_counts = recv_counts.sum(0).tolist()
-        received = all_to_all(out_x, send, recv, group=self.group, name="dispatch", counter=self.counter)
+        group = self.group
+        received = all_to_all(out_x, send, recv, group=group, name="dispatch", counter=self.counter)
         rows = received.index_select(0, gather)
         if rows.shape[0]:
             y_local = self.local(rows, local_counts)
@@ -212,7 +218,7 @@ class ExpertParallelBank(ExpertBank):
                 tied = [rows.sum()] + [p.sum().to(rows.dtype) for p in self.local.parameters() if p.requires_grad]
                 y_local = y_local + 0 * torch.stack(tied).sum()
         back = y_local.new_zeros(received.shape[0], y_local.shape[-1]).index_copy(0, gather, y_local)
-        returned = all_to_all(back, recv, send, group=self.group, name="combine", counter=self.counter)
+        returned = all_to_all(back, recv, send, group=group, name="combine", counter=self.counter)
         y = returned if slot is None else returned.index_select(0, slot)
         return y, totals
 

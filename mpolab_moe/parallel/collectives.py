@@ -33,6 +33,7 @@ from torch import Tensor
 __all__ = [
     "ByteCounter",
     "CollectiveError",
+    "GroupRef",
     "GroupSum",
     "default_expert_group",
     "all_gather_rows",
@@ -59,7 +60,39 @@ def require_initialized(where: str) -> None:
         )
 
 
-_EXPERT_GROUP: dict[str, Any] = {}
+class GroupRef:
+    """A process group held by name and looked up on use, so that it never outlives ``destroy_process_group``.
+
+    A layer that kept the group object itself would keep a destroyed gloo group alive until the
+    interpreter exits, whose destructor then aborts the process ("terminate called without an
+    active exception"). ``None`` stands for the default group. Copies share the reference.
+
+    Examples:
+        >>> ref = GroupRef(dist.new_group([0, 1]))  # doctest: +SKIP
+        >>> dist.all_reduce(t, group=ref.get())      # doctest: +SKIP
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        self.name: str | None = None if group is None else str(group.group_name)
+
+    def get(self) -> Any:
+        """The process group (``None`` for the default group).
+
+        Raises:
+            RuntimeError: the group was destroyed.
+        """
+        if self.name is None:
+            return None
+        return dist.distributed_c10d._resolve_process_group(self.name)  # type: ignore[arg-type]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GroupRef:
+        return self
+
+    def __repr__(self) -> str:
+        return f"GroupRef({self.name or 'default'})"
+
+
+_EXPERT_GROUP: dict[str, str] = {}
 
 
 def default_expert_group() -> Any:
@@ -73,9 +106,14 @@ def default_expert_group() -> Any:
     :func:`~mpolab_moe.parallel.expert_parallel` call with ``group=None`` does.
     """
     world = dist.distributed_c10d._get_default_group()
-    cached = _EXPERT_GROUP.get("group")
-    if cached is not None and _EXPERT_GROUP.get("world") is world:
-        return cached
+    cached = _EXPERT_GROUP.get("name")
+    if cached is not None and _EXPERT_GROUP.get("world") == str(world.group_name):
+        try:  # held by name only (see GroupRef): a destroyed group is made again
+            group = dist.distributed_c10d._resolve_process_group(cached)  # type: ignore[arg-type]
+            if dist.get_world_size(group) == dist.get_world_size():
+                return group
+        except RuntimeError:
+            pass
     timeout = None
     try:  # the default group's timeout (private API; falls back to the backend default)
         backend = world._get_backend(torch.device("cpu" if dist.get_backend() != "nccl" else "cuda"))
@@ -83,7 +121,7 @@ def default_expert_group() -> Any:
     except (AttributeError, RuntimeError):
         timeout = None
     group = dist.new_group(list(range(dist.get_world_size())), timeout=timeout)
-    _EXPERT_GROUP.update(group=group, world=world)
+    _EXPERT_GROUP.update(name=str(group.group_name), world=str(world.group_name))
     return group
 
 
