@@ -58,6 +58,7 @@ class ExpertParallelBank(ExpertBank):
         local: this rank's bank.
         lo, hi: the global ids of this rank's experts, ``[lo, hi)``.
         counter: a :class:`ByteCounter` the exchange adds its bytes to, or ``None``.
+        last_local_counts: rows each local expert received in the last forward.
 
     Examples:
         >>> moe = expert_parallel(MoE(TopKGate(64, 8), DenseExperts(64, 256, 8)))  # doctest: +SKIP
@@ -90,6 +91,8 @@ class ExpertParallelBank(ExpertBank):
         self.num_experts, self.in_features, self.out_features = num_experts, local.in_features, local.out_features
         self.expert_names = frozenset(expert_names)
         self.counter: ByteCounter | None = None
+        #: rows each local expert received in the last forward
+        self.last_local_counts: list[int] = [0] * local.num_experts
 
     @property
     def group(self) -> Any:
@@ -204,9 +207,12 @@ class ExpertParallelBank(ExpertBank):
         offsets = lengths.cumsum(0) - lengths
         gather = (torch.repeat_interleave(begins - offsets, lengths) + torch.arange(int(lengths.sum()))).to(dev)
         local_counts = recv_counts.sum(0).tolist()
+        self.last_local_counts = local_counts
+        # one local expert and no padding: the received rows are already in the local bank's order
+        identity = El == 1 and slot is None
         group = self.group
         received = all_to_all(out_x, send, recv, group=group, name="dispatch", counter=self.counter)
-        rows = received.index_select(0, gather)
+        rows = received if identity else received.index_select(0, gather)
         if rows.shape[0]:
             y_local = self.local(rows, local_counts)
         else:
@@ -217,7 +223,10 @@ class ExpertParallelBank(ExpertBank):
             if torch.is_grad_enabled():
                 tied = [rows.sum()] + [p.sum().to(rows.dtype) for p in self.local.parameters() if p.requires_grad]
                 y_local = y_local + 0 * torch.stack(tied).sum()
-        back = y_local.new_zeros(received.shape[0], y_local.shape[-1]).index_copy(0, gather, y_local)
+        if identity:
+            back = y_local
+        else:
+            back = y_local.new_zeros(received.shape[0], y_local.shape[-1]).index_copy(0, gather, y_local)
         returned = all_to_all(back, recv, send, group=group, name="combine", counter=self.counter)
         y = returned if slot is None else returned.index_select(0, slot)
         return y, totals
