@@ -247,7 +247,8 @@ def accumulation_rows(tokens: int, accum: int, max_rank: int, device: torch.devi
     rows.append((f"nn.Linear {D_MODEL}->{D_FF}", linear, False, accum, False))
     mpo_linear = MPOLinear.from_linear(linear, options=TruncationOptions(num_cores=5))
     rows.append((f"MPOLinear, exact ranks, {accum} accumulated", mpo_linear, False, accum, True))
-    rows.append(("MPOLinear, exact ranks, no accumulation", MPOLinear.from_linear(linear), False, 1, False))
+    mpo_linear_plain = MPOLinear.from_linear(linear, options=TruncationOptions(num_cores=5))
+    rows.append(("MPOLinear, exact ranks, no accumulation", mpo_linear_plain, False, 1, False))
     xs = [torch.randn(tokens, D_MODEL, device=device) for _ in range(accum)]
     fns = [
         accumulated_step(m.to(device), xs[:n], aux, mat) for _, m, aux, n, mat in rows
@@ -256,11 +257,17 @@ def accumulation_rows(tokens: int, accum: int, max_rank: int, device: torch.devi
     per_batch = {label: t.median / n for (label, _, _, n, _), t in zip(rows, times)}
     switch_t, linear_t = per_batch["Switch, dense experts"], per_batch[f"nn.Linear {D_MODEL}->{D_FF}"]
     table, records = [], []
+    gemm_flops = 3 * 2 * tokens * D_MODEL * D_FF * 2  # the expert GEMMs of one micro-batch, forward + backward
     for label, module, _, n, _ in rows:
         t = per_batch[label]
         ref = linear_t if "Linear" in label else switch_t
-        table.append([label, f"{num_params(module):,}", n, fmt_seconds(t), f"{ref / t:.2f}x", f"{t / ref:.2f}x"])
-        records.append({"row": label, "micro_batches": n, "s_per_micro_batch": t})
+        ceiling = None
+        if isinstance(module, MoE) and hasattr(module.experts, "matrices"):  # MPOE: the rebuild, once per n
+            rebuild_flops = 3 * sum(m.rebuild_flops() for m in module.experts.matrices().values())
+            ceiling = gemm_flops / (gemm_flops + rebuild_flops / n)
+        cells = [label, f"{num_params(module):,}", n, fmt_seconds(t), f"{ref / t:.2f}x", f"{t / ref:.2f}x"]
+        table.append([*cells, "-" if ceiling is None else f"{ceiling:.2f}x"])
+        records.append({"row": label, "micro_batches": n, "s_per_micro_batch": t, "flop_ceiling": ceiling})
     return table, records
 
 
@@ -326,8 +333,10 @@ def accumulation_section(args: argparse.Namespace, tokens: int, device: torch.de
     accum = args.grad_accum
     print(f"\ntraining at Switch speed: fwd+bwd per {tokens}-token micro-batch, {accum} micro-batches per step")
     table, records = accumulation_rows(tokens, accum, args.max_rank, device, timed)
-    print(format_table(["row", "params", "micro-batches", "per micro-batch", "speed vs ref", "time vs ref"], table))
-    print("(ref: Switch for the MoE rows, nn.Linear for the linear rows)")
+    headers = ["row", "params", "micro-batches", "per micro-batch", "speed vs ref", "time vs ref", "at equal GFLOP/s"]
+    print(format_table(headers, table))
+    print("(ref: Switch for the MoE rows, nn.Linear for the linear rows; the last column is the speed vs Switch")
+    print(" that the FLOP counts allow if the rebuild ran at the expert GEMMs' rate)")
     by = {r["row"]: r["s_per_micro_batch"] for r in records}
     switch = by["Switch, dense experts"]
     for label, target in (
