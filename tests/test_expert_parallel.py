@@ -28,11 +28,12 @@ from mpolab_moe import (
     LoRAExperts,
     MoE,
     MPOExperts,
+    SimilarityGate,
     SlicedExperts,
     SoftMergeGate,
     TopKGate,
 )
-from mpolab_moe.experts import FFNWeights
+from mpolab_moe.experts import ExpertBank, FFNWeights
 from mpolab_moe.parallel import (
     ByteCounter,
     CollectiveError,
@@ -41,6 +42,7 @@ from mpolab_moe.parallel import (
     distributed_gradient_mask,
     even_placement,
     expert_parallel,
+    expert_tensor_names,
     expert_tensors,
     shard_experts,
 )
@@ -297,6 +299,20 @@ def test_not_initialised_is_a_clear_error() -> None:
         expert_parallel(_build(Case("dense")))
 
 
+def test_a_bank_without_an_expert_tensor_rule_is_refused_naming_the_remedy() -> None:
+    class Scale(DenseExperts):
+        pass
+
+    assert expert_tensor_names(Scale(4, 8, 2)) == {"w1", "w2", "b1", "b2"}  # a subclass inherits the rule
+
+    class Odd(ExpertBank):
+        def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+            return x
+
+    with pytest.raises(TypeError, match="register_expert_tensors"):
+        expert_tensor_names(Odd())
+
+
 def test_even_placement_refuses_indivisible_and_proposes_a_placement() -> None:
     assert even_placement(8, 4) == [2, 2, 2, 2]
     with pytest.raises(ValueError, match=r"num_experts=6 is not divisible by the 4 ranks.*placement=\[2, 2, 1, 1\]"):
@@ -323,6 +339,16 @@ def _bad_inputs_worker(rank: int, world: int) -> None:
     # a gradient mask with a different seed on each rank
     with pytest.raises(ValueError, match="disagree on the gradient mask: seed"):
         distributed_gradient_mask(expert_parallel(_build(Case("mpo"))), seed=rank)
+    # without a seed, rank 0 draws one and every rank's mask draws the same decisions
+    mask = distributed_gradient_mask(expert_parallel(_build(Case("mpo"))), p_b=0.5)
+    draws = torch.tensor([float(mask.draw()) for _ in range(16)])
+    gathered = [torch.zeros(16) for _ in range(world)]
+    dist.all_gather(gathered, draws)
+    assert all(torch.equal(g, gathered[0]) for g in gathered) and 0 < int(draws.sum()) < 16
+    # a gate that reads the bank's weights would need every expert on every rank
+    sliced = _build(Case("sliced")).experts
+    with pytest.raises(TypeError, match="SimilarityGate reads the expert bank's weights"):
+        expert_parallel(MoE(SimilarityGate(sliced, k=2), sliced))
     # a mask created before sharding would count the whole bank's routing
     mpo = _build(Case("mpo"))
     GradientMask(mpo, p_b=0.5, seed=0)
@@ -336,11 +362,12 @@ def test_bad_inputs_are_clear_errors_on_every_rank() -> None:
 
 def _dying_rank_worker(rank: int, world: int) -> None:
     moe = expert_parallel(_build(Case("dense")))
-    dist.barrier()
+    y = moe(torch.randn(T, D, requires_grad=True))
     if rank == 1:
-        os._exit(0)  # dies before the step the others are in
-    with pytest.raises(CollectiveError, match=r"(all_reduce|all_gather) of .* failed on rank 0 of 2: .*timeout"):
-        moe(torch.randn(T, D))
+        os._exit(0)  # dies mid-step: after the forward, before the backward the others are in
+    named = r"all_to_all_single \(combine.backward: .* failed on rank 0 of 2: .*timeout"
+    with pytest.raises(CollectiveError, match=named):
+        y.square().mean().backward()
 
 
 def test_a_dying_rank_makes_the_others_fail_naming_the_collective() -> None:
