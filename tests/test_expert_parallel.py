@@ -44,6 +44,8 @@ from mpolab_moe.parallel import (
     expert_parallel,
     expert_tensor_names,
     expert_tensors,
+    full_state_dict,
+    load_full_state_dict,
     shard_experts,
 )
 from mpolab_moe.parallel.memory import memory_per_rank, memory_table
@@ -185,6 +187,10 @@ def _run_case(case: Case, rank: int, world: int) -> None:
         opt_ref.step()
         opt_ep.step()
     _compare_params(ref, ep, grads=False, where=f"{case} after {case.steps} Adam steps")
+    full = full_state_dict(ep)  # every rank's experts, gathered into the single-process layout
+    assert full.keys() == ref.state_dict().keys()
+    for key, value in ref.state_dict().items():
+        _close(f"{case}: full_state_dict {key}", full[key], value)
     if case.capacity_factor is not None and case.capacity_factor <= 1:
         assert dropped > 0, f"{case}: the capacity dropped nothing, the case tests nothing"
     if case.mask:  # the seed masks some of the steps and not others
@@ -247,6 +253,22 @@ def _structure_worker(rank: int, world: int) -> None:
     for full, local in zip(ref.experts.auxiliary_parameters(), bank.local.auxiliary_parameters(), strict=True):
         assert local.shape == (4, *full.shape[1:])
         torch.testing.assert_close(local.detach(), full.detach()[rank * 4 : rank * 4 + 4])
+    # the single-process layout back from every rank's experts, and into a fresh sharded model
+    full = full_state_dict(model)
+    want = {f"0.{k}": v for k, v in ref.state_dict().items()}
+    assert full.keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(full[key], value, msg=key)
+    single = torch.nn.Sequential(_build(Case("mpo", num_experts=8)))
+    single.load_state_dict(full)
+    again = torch.nn.Sequential(copy.deepcopy(ref))
+    with torch.no_grad():
+        for p in again.parameters():
+            p.zero_()
+    shard_experts(again)
+    load_full_state_dict(again, full)
+    for (name, p), (_, q) in zip(again.named_parameters(), model.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
     names = {name for name, _ in expert_tensors(model)}
     assert names and all(".local." in n for n in names)
     assert not any("central" in n for n in names)

@@ -24,6 +24,7 @@ from .api import (
 from .bank import ExpertParallelBank
 from .collectives import ByteCounter, CollectiveError, GroupRef, all_to_all, default_expert_group
 from .sharding import expert_tensor_names, local_bank, register_expert_tensors
+from .state import full_state_dict, load_full_state_dict
 
 __all__ = [
     "ByteCounter",
@@ -39,7 +40,9 @@ __all__ = [
     "expert_parallel",
     "expert_tensor_names",
     "expert_tensors",
+    "full_state_dict",
     "ignore_expert_tensors_in_ddp",
+    "load_full_state_dict",
     "local_bank",
     "register_expert_tensors",
     "replicated_parameters",
