@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from mpolab.step_weight import flush_pending
@@ -49,6 +50,10 @@ class GradientMask:
         model: a module tree containing :class:`MPOExperts` banks, or an iterable of banks.
         p_b: probability that a step is masked, in ``[0, 1]``.
         seed: seed of the mask's own random generator (``None``: drawn from torch's global RNG).
+            Data-parallel replicas must pass the same seed (they must mask the same steps).
+        replica_group: the process group over which the banks are *replicated* (DDP, FSDP2; e.g.
+            ``torch.distributed.group.WORLD``): the record of routed experts is OR-reduced over it
+            before each step. ``None``: no communication (one process, or expert parallelism).
 
     Examples:
         >>> mask = GradientMask(model, p_b=0.5, seed=0).attach(optimizer)
@@ -59,7 +64,14 @@ class GradientMask:
     ``optimizer.step()``.
     """
 
-    def __init__(self, model: nn.Module | Iterable[MPOExperts], p_b: float = 0.5, *, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module | Iterable[MPOExperts],
+        p_b: float = 0.5,
+        *,
+        seed: int | None = None,
+        replica_group: Any = None,
+    ) -> None:
         if isinstance(p_b, bool) or not isinstance(p_b, (int, float)) or not 0.0 <= float(p_b) <= 1.0:
             raise ValueError(f"p_b must be a probability in [0, 1], got {p_b!r}")
         if isinstance(model, nn.Module):
@@ -76,8 +88,14 @@ class GradientMask:
                 f"no MPOExperts bank found in {searched}; the gradient mask applies to MPOE layers "
                 "(build them with upcycle/moefy(..., experts='mpo') or MPOExperts)"
             )
+        if replica_group is not None and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "replica_group was given but torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group() first, or pass replica_group=None in one process"
+            )
         self.banks = banks
         self.p_b = float(p_b)
+        self.replica_group = replica_group
         self.generator = torch.Generator()
         self.generator.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
         self.last_masked = False
@@ -161,6 +179,7 @@ class GradientMask:
         if not self.last_masked:
             return False
         self.num_masked += 1
+        self._reduce_routed()
         for bank in self.banks:
             for p in bank.central_parameters():
                 p.grad = None
@@ -168,13 +187,26 @@ class GradientMask:
             if idle.numel() == 0:
                 continue
             for p in bank.expert_parameters():
-                idx = idle.to(p.device)
                 tensors: list[Tensor] = [p]
                 if optimizer is not None:
                     state = optimizer.state.get(p, {})
                     tensors += [s for s in state.values() if isinstance(s, Tensor) and s.shape == p.shape]
-                self._saved += [(t, idx, t[idx].clone()) for t in tensors]
+                for t in tensors:
+                    local, idx = _local_rows(t, idle)
+                    if idx.numel():
+                        self._saved.append((local, idx, local[idx].clone()))
         return True
+
+    def _reduce_routed(self) -> None:
+        """OR the routed-expert records over :attr:`replica_group` (one all-reduce for all banks)."""
+        if self.replica_group is None:
+            return
+        records = list(self._routed.values())
+        device = next(self.banks[0].central_parameters()).device
+        flags = torch.cat(records).to(device=device, dtype=torch.uint8)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.replica_group)
+        for record, reduced in zip(records, flags.cpu().bool().split([r.numel() for r in records])):
+            record.copy_(reduced)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -189,3 +221,32 @@ class GradientMask:
         return (
             f"GradientMask(p_b={self.p_b}, banks={len(self.banks)}, steps={self.num_steps}, masked={self.num_masked})"
         )
+
+
+def _local_rows(tensor: Tensor, experts: Tensor) -> tuple[Tensor, Tensor]:
+    """The tensor this process holds and the rows of it that belong to ``experts`` (global ids).
+
+    A plain tensor is its own local part. A ``DTensor`` (FSDP2) sharded along dim 0 holds the
+    ``torch.chunk`` block of rows ``[rank · ceil(E / n), ...)`` of its mesh; replicated, all rows.
+
+    Raises:
+        ValueError: a DTensor sharded along another dimension or on a multi-dimensional mesh.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(tensor, DTensor):
+        return tensor, experts.to(tensor.device)
+    local = tensor.to_local()
+    placements = tuple(tensor.placements)
+    if all(isinstance(p, Replicate) for p in placements):
+        return local, experts.to(local.device)
+    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise ValueError(
+            f"GradientMask can restore expert slices of tensors sharded along the expert dimension (Shard(0) on a "
+            f"1-D mesh, as FSDP2's fully_shard does), got placements {placements}"
+        )
+    mesh = tensor.device_mesh
+    chunk = -(-tensor.shape[0] // mesh.size())
+    start = mesh.get_local_rank() * chunk
+    rows = experts[(experts >= start) & (experts < start + local.shape[0])] - start
+    return local, rows.to(local.device)

@@ -401,6 +401,45 @@ def test_accelerate_and_trainer_default_ddp(tmp_path: Path) -> None:
     run_distributed(accelerate_worker, WORLD, str(tmp_path), timeout=110)
 
 
+# ---------------------------------------------------------------------------------------- GradientMask
+def routed_differs_across_ranks(mask: mpolab_moe.GradientMask) -> bool:
+    """Whether some bank's local record of routed experts differs between the ranks (before the step's reduction)."""
+    local = torch.cat([mask.routed_experts(b) for b in mask.banks]).to(torch.uint8)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return any(not torch.equal(g, gathered[0]) for g in gathered)
+
+
+def mask_worker(rank: int, world: int) -> None:
+    """MPOE with the gradient mask (every step masked) under DDP and FSDP2 equals one process."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for wrap in ("ddp", "fsdp2"):
+        model = build("mpo")
+        reference = copy.deepcopy(model)
+        steps = batches(world)
+        wrapped = DistributedDataParallel(model) if wrap == "ddp" else shard(model)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+        mask = mpolab_moe.GradientMask(model, p_b=1.0, seed=3, replica_group=dist.group.WORLD).attach(opt)
+        ref_mask = mpolab_moe.GradientMask(reference, p_b=1.0, seed=3).attach(ref_opt)
+        differed = False
+        for step, shards in enumerate(steps):
+            loss_of(wrapped, shards[rank], model).backward()
+            reference_step(reference, shards)
+            differed |= routed_differs_across_ranks(mask)
+            opt.step(), ref_opt.step()
+            opt.zero_grad(), ref_opt.zero_grad()
+            assert_same_params(model, reference, f"{wrap} masked step {step}")
+        assert mask.num_masked == ref_mask.num_masked == STEPS
+        assert differed, f"{wrap}: every rank routed the same experts; the record's reduction was not exercised"
+
+
+def test_gradient_mask_under_ddp_and_fsdp2() -> None:
+    """Replicas OR-reduce the routed-expert record: masked steps restore the same experts everywhere."""
+    run_distributed(mask_worker, WORLD, timeout=110)
+
+
 # ---------------------------------------------------------------------------------------- one process
 def hidden_write(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
     """What FSDP2's all-gather does to the unsharded parameters: new values, version counters untouched."""

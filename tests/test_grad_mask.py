@@ -145,3 +145,9 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="expected MPOExperts"):
         GradientMask([nn.Linear(3, 3)])
     assert "p_b=0.5" in repr(GradientMask(model))
+
+
+def test_replica_group_needs_an_initialised_process_group():
+    model, _ = make_model()
+    with pytest.raises(ValueError, match="replica_group was given but torch.distributed is not initialised"):
+        GradientMask(model, replica_group=object())
