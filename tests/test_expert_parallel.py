@@ -39,6 +39,7 @@ from mpolab_moe.parallel import (
     CollectiveError,
     ExpertParallelBank,
     average_replicated_gradients,
+    clip_grad_norm_,
     distributed_gradient_mask,
     even_placement,
     expert_parallel,
@@ -55,6 +56,7 @@ from ._dist import DistributedTestError, run_distributed
 
 D, F, T = 16, 32, 12  # width, expert hidden width, tokens per rank
 ATOL, RTOL = 2e-5, 1e-4
+CLIP = 0.01  # below the gradients' norm, so clipping acts (checked)
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ def _run_case(case: Case, rank: int, world: int) -> None:
         GradientMask(ref, p_b=0.5, seed=7).attach(opt_ref)
         mask = distributed_gradient_mask(ep, p_b=0.5, seed=7).attach(opt_ep)
     rows = slice(rank * T, (rank + 1) * T)
-    dropped = 0
+    dropped, clipped = 0, False
     for step in range(case.steps):
         x, target = _batch(step, world, positive=case.skew)
         x_ref = x.clone().requires_grad_()
@@ -184,6 +186,10 @@ def _run_case(case: Case, rank: int, world: int) -> None:
         _close(f"{where}: input gradient", x_ep.grad / world, x_ref.grad[rows])
         if step == 0:
             assert _compare_params(ref, ep, grads=True, where=where) >= 2
+        # clipping by the whole model's norm, the same factor on every rank
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
+        _close(f"{where}: gradient norm", clip_grad_norm_(ep, CLIP), norm_ref.float())
+        clipped = clipped or float(norm_ref) > CLIP
         opt_ref.step()
         opt_ep.step()
     _compare_params(ref, ep, grads=False, where=f"{case} after {case.steps} Adam steps")
@@ -191,6 +197,7 @@ def _run_case(case: Case, rank: int, world: int) -> None:
     assert full.keys() == ref.state_dict().keys()
     for key, value in ref.state_dict().items():
         _close(f"{case}: full_state_dict {key}", full[key], value)
+    assert clipped, f"{case}: the gradient norm never exceeded {CLIP}, clipping was not exercised"
     if case.capacity_factor is not None and case.capacity_factor <= 1:
         assert dropped > 0, f"{case}: the capacity dropped nothing, the case tests nothing"
     if case.mask:  # the seed masks some of the steps and not others

@@ -13,6 +13,7 @@ See ``docs/distributed.md``.
 from .api import (
     GroupReducer,
     average_replicated_gradients,
+    clip_grad_norm_,
     distributed_gradient_mask,
     even_placement,
     expert_parallel,
@@ -34,6 +35,7 @@ __all__ = [
     "GroupReducer",
     "all_to_all",
     "average_replicated_gradients",
+    "clip_grad_norm_",
     "default_expert_group",
     "distributed_gradient_mask",
     "even_placement",

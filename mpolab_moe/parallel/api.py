@@ -49,6 +49,7 @@ from .sharding import expert_tensor_names, local_bank
 __all__ = [
     "GroupReducer",
     "average_replicated_gradients",
+    "clip_grad_norm_",
     "distributed_gradient_mask",
     "even_placement",
     "expert_parallel",
@@ -333,3 +334,51 @@ def distributed_gradient_mask(
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     _agree([("seed", seed), ("p_b", zlib.crc32(repr(float(p_b)).encode()))], group, "gradient mask")
     return GradientMask(model, p_b, seed=seed)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, *, eps: float = 1e-6) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm) for an expert-parallel model: the norm of the whole model.
+
+    ``torch.nn.utils.clip_grad_norm_`` on one rank sees only that rank's experts, so each rank
+    would scale its replicated gradients by a different factor and the replicas would drift
+    apart. Here the squared norms of the expert gradients are summed over the expert group (one
+    all-reduce) and added once to those of the replicated parameters (equal on every rank once
+    DDP has averaged them); every rank then scales by the same factor. Call it after the
+    backward (after :func:`average_replicated_gradients` without DDP) and before the optimizer
+    step. Returns the total norm (fp32), the same on every rank.
+
+    Raises:
+        ValueError: ``max_norm`` not a positive number; RuntimeError: ``torch.distributed`` not initialised.
+
+    Examples:
+        >>> loss.backward(); clip_grad_norm_(model, 1.0); optimizer.step()  # doctest: +SKIP
+    """
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
+        raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+    require_initialized("clip_grad_norm_")
+    banks = [m for m in model.modules() if isinstance(m, ExpertParallelBank)]
+    local = {id(t) for _, t in expert_tensors(model)}
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    expert_sq = torch.zeros((), dtype=torch.float32)
+    replicated_sq = torch.zeros((), dtype=torch.float32)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().float().square().sum().cpu()
+        if id(p) in local:
+            expert_sq += sq
+        else:
+            replicated_sq += sq
+    if banks:
+        group = banks[0].group
+        expert_sq = expert_sq.to(collective_device(group))
+        with named_collective("all_reduce of the expert gradients' squared norm", group):
+            dist.all_reduce(expert_sq, group=group)
+        expert_sq = expert_sq.cpu()
+    total = (expert_sq + replicated_sq).sqrt()
+    scale = float(max_norm) / (float(total) + eps)
+    if scale < 1:
+        for g in grads:
+            g.mul_(scale)
+    return total
