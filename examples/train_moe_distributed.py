@@ -33,6 +33,7 @@ from finetune_gpt2_mpoe import build_model, encode  # noqa: E402
 
 from mpolab_moe import aux_loss, moefy, shard_experts  # noqa: E402
 from mpolab_moe.parallel import (  # noqa: E402
+    clip_grad_norm_,
     default_expert_group,
     distributed_gradient_mask,
     ignore_expert_tensors_in_ddp,
@@ -50,6 +51,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--aux-weight", type=float, default=0.01)
     parser.add_argument("--p-b", type=float, default=0.5, help="gradient-mask probability (MPO experts)")
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping over the whole model (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=("nccl", "gloo"), default=None)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a collective waits for the others")
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         loss = task + args.aux_weight * aux_loss(model)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the replicated gradients; the expert tensors' come through the all-to-all
+        if args.clip:
+            clip_grad_norm_(model, args.clip)  # the whole model's norm: every rank scales by the same factor
         optimizer.step()
         mean = task.detach().clone()
         dist.all_reduce(mean)
