@@ -9,9 +9,10 @@ construction) bump their version counters, so the no-grad weight cache stays cor
 does around torch's own call:
 
 * **contiguous parameters.** ``fully_shard`` refuses a non-contiguous parameter
-  (``NotImplementedError: FSDP does not support non-contiguous parameters yet``); MPO cores
-  produced by :func:`mpolab.decompose` are permuted views, so :func:`make_contiguous` copies them
-  first (values unchanged).
+  (``NotImplementedError: FSDP does not support non-contiguous parameters yet``). The MPO layers
+  store contiguous cores (:func:`mpolab.decompose` returns permuted views, which they copy); any
+  other non-contiguous parameter of the model is copied by :func:`make_contiguous` first (values
+  unchanged).
 * **no weight cache across forwards.** FSDP2 frees each unit's unsharded parameters after its
   forward and all-gathers them again into re-allocated storage before the next one, *hiding that
   write from the version counter* (``torch.autograd._unsafe_preserve_version_counter``). The

@@ -113,7 +113,9 @@ class MPOModule(nn.Module):
         """
         super().__init__()
         self.out_features, self.in_features = mpo.shape
-        self.cores = nn.ParameterList(nn.Parameter(c.detach().clone()) for c in mpo.cores)
+        self.cores = nn.ParameterList(
+            nn.Parameter(c.detach().clone(memory_format=torch.contiguous_format)) for c in mpo.cores
+        )
         self.cache_weight = cache_weight
         self.original_type = original_type
         self._cache: VersionedCache | None = None  # created on the first cached rebuild
@@ -165,7 +167,10 @@ class MPOModule(nn.Module):
         swaps = {}
         for k, new in enumerate(mpo.cores):
             old = self.cores[k]
-            param = nn.Parameter(new.detach().to(old.device, old.dtype).clone(), requires_grad=old.requires_grad)
+            param = nn.Parameter(
+                new.detach().to(old.device, old.dtype).clone(memory_format=torch.contiguous_format),
+                requires_grad=old.requires_grad,
+            )
             self.cores[k] = param
             swaps[old] = param
         self.clear_cache()

@@ -489,15 +489,25 @@ def test_hidden_writes_are_seen_with_caches_cleared_around_forward(make) -> None
     ), "a dense weight outlived the forward"
 
 
+def test_mpo_layers_store_contiguous_cores() -> None:
+    """decompose returns permuted views; the layers copy them, so DDP buckets and fully_shard take them as they are."""
+    mpo = mpolab.decompose(torch.randn(16, 24), num_cores=3)
+    assert any(not c.is_contiguous() for c in mpo.cores), "decompose returned contiguous cores; nothing to test"
+    assert all(p.is_contiguous() for p in mpolab.MPOLinear.from_mpo(mpo).parameters())
+    assert all(p.is_contiguous() for p in mpoe_layer().parameters())
+    assert mdist.make_contiguous(mpo_layer()) == 0
+
+
 def test_make_contiguous_keeps_values_and_parameter_objects() -> None:
     layer = mpo_layer()
+    layer.extra = nn.Parameter(torch.randn(24, 16).t())  # a transposed view: not contiguous
     x = torch.randn(3, 24)
     with torch.no_grad():
         want = layer(x)
     params = list(layer.parameters())
     copies = [p.detach().clone() for p in params]
     permuted = sum(not p.is_contiguous() for p in params)
-    assert permuted, "decompose returned contiguous cores; nothing to test"
+    assert permuted == 1, "the test model should hold exactly one non-contiguous parameter"
     assert mdist.make_contiguous(layer) == permuted
     assert all(p.is_contiguous() for p in layer.parameters())
     assert all(a is b for a, b in zip(layer.parameters(), params))

@@ -179,7 +179,7 @@ class SharedCentralMPO(nn.Module):
         self.out_features, self.in_features = mpo.shape
         self.num_experts = check_positive_int(num_experts, "num_experts")
         c = mpo.central_index
-        self.central = nn.Parameter(mpo.cores[c].detach().clone())
+        self.central = nn.Parameter(mpo.cores[c].detach().clone(memory_format=torch.contiguous_format))
         stack = lambda core: nn.Parameter(core.detach().unsqueeze(0).repeat(num_experts, 1, 1, 1, 1))  # noqa: E731
         self.left = nn.ParameterList(stack(core) for core in mpo.cores[:c])
         self.right = nn.ParameterList(stack(core) for core in mpo.cores[c + 1 :])
