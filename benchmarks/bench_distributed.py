@@ -12,8 +12,9 @@ For each layer (dense experts top-1 and top-2, top-2 with a GShard capacity, MPO
   the analytic volume ``routed rows x d x 2 directions x element size`` (forward; x2 with the
   backward). With a capacity the exchange is fixed-size (padded to the capacity), so it moves more;
 * **what the all-to-all path adds vs the raw transfer**: the expert-parallel step minus the
-  slowest rank's own work alone (its gate, and its local experts on as many rows as they
-  received, forward and backward, no exchange), against the layer's collectives (the
+  slowest rank's own work alone (its gate on its tokens, and a plain ``MoE`` over its local
+  experts taking as many rows as they received, sort and scatter included, forward and
+  backward, no exchange), against the layer's collectives (the
   routing-table all-gather and the all-to-alls) replayed raw with the same split sizes. Target
   (issue 16): added <= raw x 1.10. Also shown: the time inside the collectives on the critical
   path (slowest step minus the slowest rank's time outside them).
@@ -146,17 +147,20 @@ def worker(rank: int, world: int, init: str, args: argparse.Namespace, results: 
             computes.append(steps[-1] - counter.seconds)  # this rank's step outside the collectives
         # what the exchange adds to the step: the slowest rank's step minus the slowest rank's own work
         path_s = slowest(min(steps)) - slowest(min(computes))
-        # this rank's work without any exchange: the gate, and its experts on as many rows as they got
-        local_counts = list(bank.last_local_counts)
+        # this rank's work without any exchange: the gate on its tokens, and a plain MoE layer over its
+        # local experts taking as many rows as they received (its own sort and scatter included)
+        rows_got = sum(bank.last_local_counts)
         gate = copy.deepcopy(moe.gate)
         gate.batch_sum = None
-        rows_in = torch.randn(sum(local_counts), d)
+        local_experts = bank.local.num_experts
+        plain = MoE(TopKGate(d, local_experts, k=min(layer.k, local_experts)), copy.deepcopy(bank.local))
+        x_rows = torch.randn(max(1, rows_got // min(layer.k, local_experts)), d)
 
         def local_step() -> None:
             aux = gate(x).aux_loss  # noqa: B023
-            y = bank.local(rows_in, local_counts)  # noqa: B023
+            y = plain(x_rows)  # noqa: B023
             (y.square().mean() + (aux if aux is not None else 0)).backward()
-            bank.local.zero_grad(set_to_none=True)  # noqa: B023
+            plain.zero_grad(set_to_none=True)  # noqa: B023
             gate.zero_grad(set_to_none=True)  # noqa: B023
 
         local_s = slowest(timed(local_step, args.repeats))
