@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -411,3 +412,16 @@ def _raises_worker(rank: int, world: int) -> None:
 def test_harness_reports_the_failing_rank() -> None:
     with pytest.raises(DistributedTestError, match=r"(?s)rank 1.*worker failure on purpose"):
         run_distributed(_raises_worker, 2, timeout=60)
+
+
+def _hangs_worker(rank: int, world: int) -> None:
+    if rank == 0:
+        time.sleep(60)  # never reaches the barrier the other rank waits in
+    dist.barrier()
+
+
+def test_harness_kills_a_group_that_runs_past_its_timeout() -> None:
+    start = time.perf_counter()
+    with pytest.raises(DistributedTestError, match="ran past its 8 s timeout"):
+        run_distributed(_hangs_worker, 2, timeout=8, collective_timeout_s=30)
+    assert time.perf_counter() - start < 30
