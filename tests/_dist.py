@@ -63,7 +63,12 @@ def _entry(
             timeout=datetime.timedelta(seconds=collective_timeout_s),
         )
         try:
+            dist.barrier()  # every rank has finished connecting before any worker can fail or return
             worker(rank, world_size, *args)
+            try:  # keep the group up until the others are done with it; a peer that exited on purpose
+                dist.barrier()  # (a test of a dying rank) makes this fail, which is not this rank's error
+            except RuntimeError:
+                pass
         finally:
             dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
