@@ -248,12 +248,26 @@ class MoE(nn.Module):
             )
             return out
         if token.numel() == 0:  # an empty batch, or no token routed: no bank call on empty groups
-            out = tokens.new_zeros(T, self.experts.out_features)
+            out = self._zeros_in_graph(tokens, T)
         else:
             y = self.experts(tokens.index_select(0, token), counts.tolist())  # backward: index_add_, not index_put_
             out = y.new_zeros(T, y.shape[-1])
             out.index_add_(0, token, y * combine.to(y.dtype).unsqueeze(-1))
         self._record(routing, counts.detach(), dropped=dropped, without=without)
+        return out
+
+    def _zeros_in_graph(self, tokens: Tensor, num_tokens: int) -> Tensor:
+        """``[T, d_out]`` zeros that, when grad is on, depend on every trainable parameter (with weight 0).
+
+        A layer where no token reaches any expert (DynMoE's top-any gate allows it in training) would
+        otherwise leave the gate and the bank out of the graph, and DDP with
+        ``find_unused_parameters=False`` fails on the next step (parameters that received no gradient).
+        Here they receive zero gradients, as unrouted experts of a stacked bank do.
+        """
+        out = tokens.new_zeros(num_tokens, self.experts.out_features)
+        params = [p for p in self.parameters() if p.requires_grad]
+        if torch.is_grad_enabled() and params:
+            out = out + 0.0 * torch.stack([p.sum() for p in params]).sum().to(out.dtype)
         return out
 
     def _config_fingerprint(self) -> list[tuple[str, int]]:

@@ -236,3 +236,24 @@ def test_dense_experts_from_ffn_equals_the_ffn():
     torch.testing.assert_close(
         y, 2 * F.linear(F.silu(gate_proj(x)) * F.linear(x, up.weight), down.weight), atol=1e-5, rtol=1e-5
     )
+
+
+def test_no_token_routed_still_gives_every_parameter_a_zero_gradient():
+    """DDP (find_unused_parameters=False) needs a gradient for every parameter, even when nothing was routed."""
+    from mpolab_moe import TopAnyGate
+
+    gate = TopAnyGate(6, 3)
+    with torch.no_grad():
+        gate.threshold_logits.fill_(5.0)  # threshold 0.993 > any score: no token picks an expert
+    layer = MoE(gate, DenseExperts(6, 8, 3)).train()
+    x = torch.randn(4, 6)
+    y = layer(x)
+    assert layer.last_stats.tokens_without_expert == 4 and torch.equal(y, torch.zeros_like(y))
+    y.sum().backward()
+    grads = {n: p.grad for n, p in layer.named_parameters()}
+    assert {"gate.threshold_logits", "experts.w1"} <= set(grads)
+    missing = [n for n, g in grads.items() if g is None]
+    assert not missing, f"no gradient for {missing}"
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+    with torch.no_grad():  # no graph to keep: plain zeros
+        assert not layer(x).requires_grad
