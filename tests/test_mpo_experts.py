@@ -233,6 +233,33 @@ def test_grouped_rebuild_is_the_digit_reversed_rebuild_with_its_gradients(side):
     assert m.rebuild_flops() < 2 * m.num_experts * 96 * 48 * 96  # counted, and below a naive E-fold matrix product
 
 
+@pytest.mark.parametrize("side", ["out", "in"])
+@pytest.mark.parametrize("frozen", ["central", "left", "right", "auxiliary"])
+def test_grouped_rebuild_gradients_with_frozen_cores(side, frozen):
+    """The backward skips the gradients no one asked for and still gets the others right."""
+    m = SharedCentralMPO(mpolab.decompose(torch.randn(96, 48, dtype=torch.float64), 5, max_rank=5), 3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    m.central.requires_grad_(frozen != "central")
+    for p in m.left:
+        p.requires_grad_(frozen not in ("left", "auxiliary"))
+    for p in m.right:
+        p.requires_grad_(frozen not in ("right", "auxiliary"))
+    groups = m.side_groups(side)
+    natural = m.rebuild()
+    reference = digit_reversal(natural, groups) if side == "out" else digit_reversal(natural.mT, groups).mT
+    m.hidden_side = side
+    grouped = m.rebuild_grouped()
+    torch.testing.assert_close(grouped, reference)
+    probe = torch.randn_like(grouped)
+    params = [p for p in m.parameters() if p.requires_grad]
+    ours = torch.autograd.grad((grouped * probe).sum(), params)
+    theirs = torch.autograd.grad((reference * probe).sum(), params)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_bank_with_grouped_rebuild_matches_the_reference_and_its_gradients(gated):
     bank = _five_core_bank(gated)
