@@ -301,6 +301,7 @@ def heal(
     loss: HealLoss = "auto",
     temperature: float = 1.0,
     grad_accum: int = 1,
+    token_noise: float = 0.0,
     max_length: int | None = None,
     eval_texts: Sequence[str] | None = None,
     eval_perplexity: bool = False,
@@ -336,6 +337,12 @@ def heal(
         others: whether parameters outside the MPO cores (embeddings, norms, attention, biases)
             train too; default ``True`` for ``"hidden"`` (MPOP), ``False`` for ``"logits"``.
         temperature: softening of both distributions for ``"logits"``.
+        token_noise: fraction of tokens in a noisy copy of every micro-batch, replaced by random
+            vocabulary tokens (special tokens and padding kept); each micro-batch is distilled as it
+            is and as the noisy copy (twice the compute). ``0``: no copy. The teacher labels the
+            noisy inputs too, so the student learns to follow it on inputs beyond the training
+            texts: measured on MiniLM at half its parameters, 0.15 lifted held-out fidelity from
+            0.900 to 0.907 at 150 steps, and to 0.922 at 450 (``docs/compress.md``).
         max_length: tokens per row (default 64 for ``"hidden"``, 256 for ``"logits"``).
         eval_texts: held-out texts for :func:`fidelity` (and :func:`perplexity`) before and after
             (default: ``texts``).
@@ -360,6 +367,8 @@ def heal(
         raise ValueError("heal needs unlabeled training texts")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(token_noise, bool) or not isinstance(token_noise, (int, float)) or not 0 <= token_noise < 1:
+        raise ValueError(f"token_noise must be a fraction in [0, 1), got {token_noise!r}")
     kind = _resolve_loss(student, loss)
     default_trainable, default_others, default_lr = _DEFAULTS[kind]
     trainable = default_trainable if trainable is None else trainable
@@ -378,6 +387,7 @@ def heal(
         windows = token_windows(tokenizer, texts, max_length) if causal else None
         pool = windows.shape[0] if windows is not None else len(texts)
         rng = random.Random(seed)
+        noise = _TokenNoise(tokenizer, token_noise, seed) if token_noise > 0 else None
         order: list[int] = []
         losses: list[float] = []
         tokens = 0
@@ -397,7 +407,11 @@ def heal(
                     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
                 else:
                     batch = _tokenize(tokenizer, [texts[i] for i in rows], max_length, device)
-                micro_loss = _micro_step(student, teacher, batch, kind, temperature) / grad_accum
+                micro_loss = _micro_step(student, teacher, batch, kind, temperature)
+                if noise is not None:
+                    noisy = _micro_step(student, teacher, noise(batch), kind, temperature)
+                    micro_loss = (micro_loss + noisy) / 2
+                micro_loss = micro_loss / grad_accum
                 micro_loss.backward()
                 step_loss += float(micro_loss.detach())
                 tokens += int(batch["attention_mask"].sum())
@@ -418,6 +432,29 @@ def heal(
         after = fidelity(student, teacher, tokenizer, eval_texts, max_length=min(max_length, DEFAULT_MAX_LENGTH))
         ppl_after = perplexity(student, tokenizer, eval_texts, seq_len=max_length) if eval_perplexity else None
         return HealReport(before, after, losses, done, seconds, kind, tokens, ppl_before, ppl_after)
+
+
+class _TokenNoise:
+    """Replace a fraction of a batch's tokens by random vocabulary tokens (special tokens and padding kept)."""
+
+    def __init__(self, tokenizer: Any, rate: float, seed: int) -> None:
+        special = sorted(set(getattr(tokenizer, "all_special_ids", [])))
+        vocab = torch.ones(len(tokenizer), dtype=torch.bool)
+        vocab[[i for i in special if 0 <= i < len(tokenizer)]] = False
+        self.special = torch.tensor(special, dtype=torch.long)
+        self.candidates = vocab.nonzero().flatten()
+        self.rate = rate
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids = batch["input_ids"]
+        cpu = ids.cpu()
+        replace = (batch["attention_mask"].cpu() == 1) & ~torch.isin(cpu, self.special)
+        replace &= torch.rand(cpu.shape, generator=self.generator) < self.rate
+        picks = torch.randint(len(self.candidates), (int(replace.sum()),), generator=self.generator)
+        noisy = cpu.clone()
+        noisy[replace] = self.candidates[picks]
+        return {**batch, "input_ids": noisy.to(ids.device)}
 
 
 def _micro_step(

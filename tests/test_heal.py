@@ -160,3 +160,44 @@ def test_logit_loss_is_zero_for_identical_logits_and_refuses_encoders(tokenizer)
         mpolab.heal(student, model, tokenizer, ["a b c."], steps=1, loss="logits", progress=False)
     with pytest.raises(ValueError, match="loss must be"):
         mpolab.heal(student, model, tokenizer, ["a b c."], steps=1, loss="mse", progress=False)
+
+
+def test_token_noise_distils_a_noisy_copy_of_each_batch(tokenizer, minilm):
+    """With token_noise the teacher also labels a copy whose ordinary tokens are partly random."""
+    teacher = minilm
+    student = copy.deepcopy(teacher)
+    mpolab.compress(student, ["intermediate.dense"], ratio=0.5)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(module, args, kwargs):  # noqa: ANN001, ARG001
+        seen.append((kwargs["input_ids"].clone(), kwargs["attention_mask"].clone()))
+
+    handle = teacher.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        train, _ = train_eval_sentences(40, 4)
+        report = mpolab.heal(student, teacher, tokenizer, train, steps=3, batch_size=8, max_length=32,
+                             token_noise=0.3, eval_texts=train[:4], progress=False)
+    finally:
+        handle.remove()
+    assert report.steps == 3
+    def copy_of(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        # the same rows with some tokens changed: same padding, most tokens equal, not all
+        if a[0].shape != b[0].shape or not torch.equal(a[1], b[1]):
+            return False
+        same = float((a[0] == b[0])[a[1] == 1].float().mean())
+        return 0.5 < same < 1.0
+
+    pairs = [(a, b) for a, b in zip(seen, seen[1:]) if copy_of(a, b)]
+    assert len(pairs) >= 3, "no noisy copy reached the teacher"
+    special = torch.tensor(tokenizer.all_special_ids)
+    changed = ordinary = 0
+    for (clean, mask), (noisy, _) in pairs[:3]:
+        keep = (mask == 0) | torch.isin(clean, special)
+        assert torch.equal(clean[keep], noisy[keep]), "special tokens or padding were replaced"
+        assert not torch.isin(noisy[~keep], special).any()
+        changed += int((clean[~keep] != noisy[~keep]).sum())
+        ordinary += int((~keep).sum())
+    assert 0.15 < changed / ordinary < 0.45  # about token_noise of the ordinary tokens
+    for bad in (-0.1, 1.0, "0.1", True):
+        with pytest.raises(ValueError, match="token_noise"):
+            mpolab.heal(student, teacher, tokenizer, train, steps=1, token_noise=bad, progress=False)
