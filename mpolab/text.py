@@ -47,10 +47,13 @@ def everyday_sentences() -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
-def train_eval_sentences(num_train: int = 400, num_eval: int = 60, seed: int = 0) -> tuple[list[str], list[str]]:
+def train_eval_sentences(
+    num_train: int | None = 400, num_eval: int = 60, seed: int = 0
+) -> tuple[list[str], list[str]]:
     """Disjoint train / held-out sentence lists mixing both sources.
 
     Held-out sentences are half everyday, half reference prose, none of them in the train list.
+    ``num_train=None``: every sentence that is not held out.
     """
     rng = random.Random(seed)
     everyday = list(everyday_sentences())
@@ -61,6 +64,8 @@ def train_eval_sentences(num_train: int = 400, num_eval: int = 60, seed: int = 0
     eval_set = everyday[:eval_everyday] + reference[: num_eval - eval_everyday]
     train_pool = everyday[eval_everyday:] + reference[num_eval - eval_everyday :]
     rng.shuffle(train_pool)
+    if num_train is None:
+        return train_pool, eval_set
     if num_train > len(train_pool):
         raise ValueError(f"num_train={num_train} exceeds the {len(train_pool)} sentences available")
     return train_pool[:num_train], eval_set

@@ -14,3 +14,10 @@ def test_train_and_held_out_are_disjoint_and_mixed():
     assert not set(train) & set(held_out)
     assert sum(s in set(everyday_sentences()) for s in held_out) == 30
     assert train_eval_sentences(400, 60) == (train, held_out)  # deterministic
+
+
+def test_all_sentences_not_held_out_train():
+    train, held_out = train_eval_sentences(None, 60)
+    assert len(train) + len(held_out) == len(reference_sentences()) + len(everyday_sentences())
+    assert not set(train) & set(held_out)
+    assert train[:400] == train_eval_sentences(400, 60)[0]
