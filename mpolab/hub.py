@@ -77,7 +77,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True)
 class HubExtension:
     """Layers another package adds to a model (``mpolab_moe`` registers its MoE layers).

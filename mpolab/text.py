@@ -47,9 +47,7 @@ def everyday_sentences() -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
-def train_eval_sentences(
-    num_train: int | None = 400, num_eval: int = 60, seed: int = 0
-) -> tuple[list[str], list[str]]:
+def train_eval_sentences(num_train: int | None = 400, num_eval: int = 60, seed: int = 0) -> tuple[list[str], list[str]]:
     """Disjoint train / held-out sentence lists mixing both sources.
 
     Held-out sentences are half everyday, half reference prose, none of them in the train list.
