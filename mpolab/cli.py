@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         "distillation on real sentences, and print the fidelity before and after.",
     )
     d.add_argument("--ratio", type=float, default=0.5, help="fraction of the linear parameters to keep (0.5)")
-    d.add_argument("--steps", type=int, default=600, help="distillation steps (600)")
+    d.add_argument("--steps", type=int, default=800, help="distillation steps (800)")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     d.add_argument("--threads", type=int, help="torch threads (default: torch's); printed with the time")
     d.add_argument(
