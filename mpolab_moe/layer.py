@@ -220,7 +220,7 @@ class MoE(nn.Module):
         order = torch.argsort(flat_index, stable=True)
         expert, token, combine = flat_index[order], flat_token[order], flat_weight[order]
         counts = torch.bincount(expert, minlength=E)
-        dropped, capacity = 0, 0
+        dropped, capacity = 0, None
         capacity_factor = self.active_capacity_factor
         if capacity_factor is not None:
             capacity = math.ceil(k * capacity_factor * T / E)
@@ -237,12 +237,11 @@ class MoE(nn.Module):
             y, totals = self.experts.exchange_forward(
                 tokens.index_select(0, token),
                 counts.tolist(),
-                capacity=capacity if capacity_factor is not None else None,
+                capacity=capacity,
                 stats=[dropped, without, T],
                 config=self._config_fingerprint(),
             )
-            out = y.new_zeros(T, y.shape[-1])
-            out.index_add_(0, token, y * combine.to(y.dtype).unsqueeze(-1))
+            out = _combine(y, token, combine, T)
             self._record(
                 routing, totals[:E], dropped=int(totals[E]), without=int(totals[E + 1]), num_tokens=int(totals[E + 2])
             )
@@ -250,9 +249,7 @@ class MoE(nn.Module):
         if token.numel() == 0:  # an empty batch, or no token routed: no bank call on empty groups
             out = self._zeros_in_graph(tokens, T)
         else:
-            y = self.experts(tokens.index_select(0, token), counts.tolist())  # backward: index_add_, not index_put_
-            out = y.new_zeros(T, y.shape[-1])
-            out.index_add_(0, token, y * combine.to(y.dtype).unsqueeze(-1))
+            out = _combine(self.experts(tokens.index_select(0, token), counts.tolist()), token, combine, T)
         self._record(routing, counts.detach(), dropped=dropped, without=without)
         return out
 
@@ -295,6 +292,15 @@ class MoE(nn.Module):
             return "dropless"
         where = "training and eval" if self.capacity_in_eval else "training only"
         return f"capacity_factor={self.capacity_factor} ({where})"
+
+
+def _combine(rows: Tensor, token: Tensor, weight: Tensor, num_tokens: int) -> Tensor:
+    """``[T, d_out]``: each routed row ``rows [N, d_out]`` times its ``weight [N]`` added to its ``token [N]``.
+
+    ``index_add_``, not ``index_put_``: its backward gathers instead of zero-filling a full gradient.
+    """
+    out = rows.new_zeros(num_tokens, rows.shape[-1])
+    return out.index_add_(0, token, rows * weight.to(rows.dtype).unsqueeze(-1))
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoE]:
