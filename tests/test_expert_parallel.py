@@ -70,6 +70,7 @@ class Case:
     placement: tuple[int, ...] | None = None
     steps: int = 3
     skew: bool = False  # every token to the last expert: the other ranks' experts receive no row
+    scale_on: str = "auto"  # where the bank divides the experts' gradient by the group size
 
 
 def _build(case: Case) -> MoE:
@@ -142,11 +143,12 @@ def _compare_params(ref: MoE, ep: MoE, *, grads: bool, where: str) -> int:
     return compared
 
 
-def _run_case(case: Case, rank: int, world: int) -> None:
+def _run_case(case: Case, rank: int, world: int) -> str | None:
     ref = _build(case)
     ep = expert_parallel(copy.deepcopy(ref), placement=case.placement)
     bank = ep.experts
     assert isinstance(bank, ExpertParallelBank)
+    bank.scale_gradients_on = case.scale_on
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
     opt_ep = torch.optim.Adam(ep.parameters(), lr=1e-2)
     if case.mask:
@@ -203,6 +205,7 @@ def _run_case(case: Case, rank: int, world: int) -> None:
         assert dropped > 0, f"{case}: the capacity dropped nothing, the case tests nothing"
     if case.mask:  # the seed masks some of the steps and not others
         assert mask.num_steps == case.steps and 0 < mask.num_masked < case.steps, mask
+    return bank.gradient_scaling
 
 
 CASES_2 = [
@@ -220,6 +223,9 @@ CASES_2 = [
     Case("dense", k=2, num_experts=3, placement=(2, 1)),
     Case("mpo", k=1, skew=True, mask=True),
     Case("dense", k=1, skew=True),
+    Case("mpo", k=2, mask=True, scale_on="rows"),  # the shared central tensors' gradient times world
+    Case("sliced", k=1, scale_on="rows"),  # and the shared output bias's
+    Case("dense", k=2, scale_on="parameters"),
 ]
 
 CASES_4 = [
@@ -233,8 +239,9 @@ CASES_4 = [
 
 
 def _equivalence_worker(rank: int, world: int, cases: list[Case]) -> None:
-    for case in cases:
-        _run_case(case, rank, world)
+    scalings = {str(c): _run_case(c, rank, world) for c in cases}
+    # both places the bank divides the experts' gradient by the group size were exercised
+    assert set(scalings.values()) - {None} == {"rows", "parameters"}, scalings
 
 
 def test_expert_parallel_matches_single_process_2_ranks() -> None:

@@ -8,7 +8,7 @@ owner only (``E / world`` experts per rank, or an explicit ``placement``).
 **Gradient convention (DDP's).** Each rank computes a loss on its own tokens and the replicated
 parameters' gradients are *averaged* over the ranks (DDP does it; without DDP call
 :func:`average_replicated_gradients`). An expert's owner receives the gradient of every rank's
-loss, summed, through the reverse all-to-all; a hook divides it by the group size, so an
+loss, summed, through the reverse all-to-all; the bank divides it by the group size, so an
 expert's gradient is that of the mean of the ranks' losses too, the same quantity DDP's average
 gives the replicated parameters. The shared central tensors of MPOE collect on each rank the
 gradient of the rows its own experts computed; DDP's average of those partial sums is again the
@@ -134,13 +134,6 @@ def _agree(values: list[tuple[str, int]], group: Any, what: str) -> None:
             raise ValueError(f"the ranks disagree on the {what}: {name} ({per_rank})")
 
 
-def _scale_hook(world: int) -> Any:
-    def scale(grad: Tensor) -> Tensor:
-        return grad / world
-
-    return scale
-
-
 def expert_parallel(
     moe: MoE, group: Any = None, *, placement: Sequence[int] | None = None, global_aux: bool = True
 ) -> MoE:
@@ -210,11 +203,6 @@ def expert_parallel(
     lo = sum(place[:rank])
     local = local_bank(bank, lo, lo + place[rank])
     sharded = ExpertParallelBank(local, num_experts=E, placement=place, group=group, expert_names=names)
-    tensors = dict(local.named_parameters())
-    for name in names:
-        p = tensors.get(name)
-        if p is not None and p.requires_grad:
-            p.register_hook(_scale_hook(world))
     moe.experts = sharded
     if global_aux:
         gate.batch_sum = GroupReducer(group)

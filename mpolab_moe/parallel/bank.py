@@ -14,8 +14,14 @@ each rank its rows:
 3. The local bank runs on the received rows regrouped by local expert (its own ``counts``).
 4. ``all_to_all_single`` back (*combine*), in the dispatch's order.
 
-The backward is the reverse exchange of both. The per-expert parameters of the local bank get
-their gradient divided by the group size (see :func:`mpolab_moe.parallel.expert_parallel`).
+The backward is the reverse exchange of both. An expert's owner receives the gradient of every
+rank's loss; the gradient convention (see :func:`mpolab_moe.parallel.expert_parallel`) wants the
+per-expert tensors' gradient divided by the group size and the replicated ones (MPOE's central
+tensors) not. The factor is applied inside the graph, on whichever side touches fewer numbers
+this forward: on the per-expert tensors' gradients, or on the gradient rows entering the local
+bank (``/ world``, ``* world`` on the rows leaving it and on the replicated tensors' gradients).
+A dense bank's experts hold far more numbers than the rows they see, so it takes the rows side
+(a hook dividing every expert weight's gradient was most of the exchange's cost).
 """
 
 from __future__ import annotations
@@ -28,11 +34,60 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.func import functional_call
 
 from ..experts.base import BankOutput, ExpertBank
 from .collectives import ByteCounter, GroupRef, all_gather_rows, all_to_all, group_rank, group_size
 
-__all__ = ["ExpertParallelBank", "collective_device"]
+__all__ = ["ExpertParallelBank", "collective_device", "permute_rows", "scale_gradient"]
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, divisor: float) -> Tensor:
+        ctx.divisor = divisor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad / ctx.divisor, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+    """``x[order]`` for a permutation ``order`` of ``x``'s rows; the backward is ``grad[inverse]``.
+
+    ``index_select``'s own backward zero-fills a buffer and scatter-adds into it (the index could
+    repeat); for a permutation one gather each way does.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        out: Tensor = _PermuteRows.apply(x, order, inverse)
+        return out
+    return x.index_select(0, order)
+
+
+def scale_gradient(x: Tensor, divisor: float) -> Tensor:
+    """``x`` unchanged in the forward; its gradient divided by ``divisor`` in the backward.
+
+    Examples:
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> scale_gradient(w, 4.0).sum().backward()
+        >>> w.grad
+        tensor([0.2500, 0.2500])
+    """
+    out: Tensor = _ScaleGradient.apply(x, float(divisor))
+    return out
 
 
 def collective_device(group: Any = None) -> torch.device:
@@ -93,6 +148,11 @@ class ExpertParallelBank(ExpertBank):
         self.counter: ByteCounter | None = None
         #: rows each local expert received in the last forward
         self.last_local_counts: list[int] = [0] * local.num_experts
+        #: where to divide the experts' gradient by the group size (module doc): ``"auto"`` (the
+        #: side touching fewer numbers, per forward), ``"rows"`` or ``"parameters"``; the same result
+        self.scale_gradients_on = "auto"
+        #: where the last training forward divided it: ``"rows"``, ``"parameters"`` (or ``None``)
+        self.gradient_scaling: str | None = None
 
     @property
     def group(self) -> Any:
@@ -212,9 +272,17 @@ class ExpertParallelBank(ExpertBank):
         identity = El == 1 and slot is None
         group = self.group
         received = all_to_all(out_x, send, recv, group=group, name="dispatch", counter=self.counter)
-        rows = received if identity else received.index_select(0, gather)
+        inverse = None
+        if identity:
+            rows = received
+        elif slot is None:  # dropless: ``gather`` is a permutation of the received rows
+            inverse = torch.empty_like(gather)
+            inverse[gather] = torch.arange(gather.numel(), device=dev)
+            rows = permute_rows(received, gather, inverse)
+        else:  # capacity: the real rows, without the padding
+            rows = received.index_select(0, gather)
         if rows.shape[0]:
-            y_local = self.local(rows, local_counts)
+            y_local = self._local_forward(rows, local_counts)
         else:
             # Nothing to compute, but the graph must look as if: the received rows (so the dispatch's
             # backward exchange runs here as on every other rank) and every parameter (DDP expects
@@ -225,11 +293,39 @@ class ExpertParallelBank(ExpertBank):
                 y_local = y_local + 0 * torch.stack(tied).sum()
         if identity:
             back = y_local
+        elif inverse is not None:
+            back = permute_rows(y_local, inverse, gather)
         else:
             back = y_local.new_zeros(received.shape[0], y_local.shape[-1]).index_copy(0, gather, y_local)
         returned = all_to_all(back, recv, send, group=group, name="combine", counter=self.counter)
         y = returned if slot is None else returned.index_select(0, slot)
         return y, totals
+
+    def _local_forward(self, rows: Tensor, counts: list[int]) -> Tensor:
+        """The local bank on ``rows [n, d]``, per-expert gradients divided by the group size (see the module doc)."""
+        W = self.world
+        if W == 1 or not torch.is_grad_enabled():
+            return self.local(rows, counts)
+        expert, shared = {}, {}
+        for name, p in self.local.named_parameters():
+            if p.requires_grad:
+                (expert if name in self.expert_names else shared)[name] = p
+        on = self.scale_gradients_on
+        if on not in ("auto", "rows", "parameters"):
+            raise ValueError(f"scale_gradients_on must be 'auto', 'rows' or 'parameters', got {on!r}")
+        if on == "auto":
+            row_numbers = rows.shape[0] * (self.in_features + self.out_features)
+            rows_side = row_numbers + sum(p.numel() for p in shared.values())
+            on = "rows" if rows_side < sum(p.numel() for p in expert.values()) else "parameters"
+        if on == "rows":
+            self.gradient_scaling = "rows"
+            swap = {name: scale_gradient(p, 1.0 / W) for name, p in shared.items()}  # times W
+            rows = scale_gradient(rows, 1.0 / W)  # the rows' gradient leaves the experts times W, as received
+            y = functional_call(self.local, swap, (rows, counts)) if swap else self.local(rows, counts)
+            return scale_gradient(y, W)  # the experts see the received gradient divided by W
+        self.gradient_scaling = "parameters"
+        swap = {name: scale_gradient(p, W) for name, p in expert.items()}
+        return functional_call(self.local, swap, (rows, counts)) if swap else self.local(rows, counts)
 
     def extra_repr(self) -> str:
         return (
