@@ -11,17 +11,30 @@ For each layer (dense experts top-1 and top-2, top-2 with a GShard capacity, MPO
   over the ranks, counted in the exchange by :class:`mpolab_moe.parallel.ByteCounter`) against
   the analytic volume ``routed rows x d x 2 directions x element size`` (forward; x2 with the
   backward). With a capacity the exchange is fixed-size (padded to the capacity), so it moves more;
-* **what the all-to-all path adds vs the raw transfer**: the expert-parallel step minus the
-  slowest rank's own work alone (its gate on its tokens, and a plain ``MoE`` over its local
-  experts taking as many rows as they received, sort and scatter included, forward and
-  backward, no exchange), against the layer's collectives (the
-  routing-table all-gather and the all-to-alls) replayed raw with the same split sizes. Target
-  (issue 16): added <= raw x 1.10. Also shown: the time inside the collectives on the critical
-  path (slowest step minus the slowest rank's time outside them).
+* **what the all-to-all path adds vs the raw transfer** (target, issue 16: no more than the raw
+  transfer plus 10%). Three variants of one rank's step run in turns, forward and backward:
 
-The machine is shared: every time is the best of ``--repeats`` (the least disturbed run), and the
-figures still move with the load. Run from the repository root:
-``python benchmarks/bench_distributed.py [--quick] [--tokens N] [--repeats N]``.
+  - *local*: the rank's own work with no exchange: its gate on its tokens, and a one-process
+    ``MoE`` over its local experts given exactly the rows each received in the expert-parallel
+    step (its own sort and scatter included);
+  - *EP*: the expert-parallel layer;
+  - *raw in place*: the local work with the layer's collectives (the gate's statistics
+    all-reduce, the routing-table all-gather, the four all-to-alls) replayed raw with the same
+    sizes at the points where the layer runs them, each into a new tensor as a functional
+    collective does.
+
+  *EP adds* = EP - local; *raw adds* = raw in place - local: the transfers together with the
+  waits they impose (a collective waits for the slowest rank, so on a loaded machine it costs
+  far more inside a step than back to back: *raw alone*). Ratio = EP adds / raw adds.
+  Also shown: the time inside the layer's collectives (EP step minus the rank's time outside them).
+
+Timing: each rank is pinned to its own core (when there are enough); the variants alternate, every
+rank starting each one together; per iteration a variant's time is the slowest rank's, and each
+figure is the median over ``--repeats`` iterations of that variant (differences: the median of the
+per-iteration differences, so a slow stretch of the machine hits both sides). ``--keep-freed-memory``
+runs the ranks after :func:`mpolab.allocator.keep_freed_memory` (glibc reuses freed blocks instead
+of faulting fresh pages in for every new buffer). Run from the repository root:
+``python benchmarks/bench_distributed.py [--quick] [--tokens N] [--repeats N] [--keep-freed-memory]``.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import argparse
 import copy
 import datetime
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,7 +52,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mpolab_moe import DenseExperts, MoE, MPOExperts, TopKGate
+from mpolab.allocator import keep_freed_memory
+from mpolab_moe import DenseExperts, Gate, MoE, MPOExperts, Routing, TopKGate
 from mpolab_moe.parallel import ByteCounter, ExpertParallelBank, expert_parallel
 
 
@@ -64,11 +79,24 @@ def build(layer: Layer, d: int, f: int, experts: int) -> MoE:
     return MoE(TopKGate(d, experts, k=layer.k), bank, capacity_factor=layer.capacity_factor)
 
 
+class FixedRouting(Gate):
+    """Sends row ``i`` of its input to a fixed expert: ``counts[e]`` consecutive rows to expert ``e``."""
+
+    def __init__(self, d: int, counts: list[int]) -> None:
+        super().__init__()
+        self.d_model, self.num_experts = d, len(counts)
+        self.register_buffer("index", torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))[:, None])
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        return Routing(self.index, torch.ones(self.index.shape, dtype=x.dtype), self.num_experts)
+
+
 def step(moe: MoE, x: torch.Tensor) -> None:
     y = moe(x)
     loss = y.square().mean() + (moe.aux_loss if moe.aux_loss is not None else 0)
     loss.backward()
     moe.zero_grad(set_to_none=True)
+    x.grad = None
 
 
 def timed(fn, repeats: int) -> float:  # noqa: ANN001
@@ -82,10 +110,11 @@ def timed(fn, repeats: int) -> float:  # noqa: ANN001
     return min(times)
 
 
-def slowest(seconds: float) -> float:
-    t = torch.tensor([seconds], dtype=torch.float64)
+def slowest_each(seconds: list[float]) -> list[float]:
+    """Element-wise maximum over the ranks (every rank passes as many values)."""
+    t = torch.tensor(seconds, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+    return t.tolist()
 
 
 def summed(value: float) -> float:
@@ -94,102 +123,152 @@ def summed(value: float) -> float:
     return float(t)
 
 
-def replay(splits: list[tuple[str, list[int], list[int]]], d: int, group: object) -> float:
-    """The step's exchanges again, raw ``all_to_all_single`` / ``all_gather`` with the same sizes."""
-    buffers = []
-    for name, send, recv in splits:
-        if name == "routing table":
-            buffers.append((name, torch.zeros(send[0], dtype=torch.int64), None, send, recv))
+class RawExchanges:
+    """The layer's collectives raw (no autograd, no bookkeeping), with the sizes one counted step used.
+
+    Each call receives into a new tensor, as a functional collective does (the layer needs one).
+
+    ``"gate statistics"`` is the gate's ``all_reduce`` of its ``stats`` balance-loss sums; the other
+    names are the :class:`ByteCounter`'s: ``"routing table"`` (``all_gather``), ``"dispatch"``,
+    ``"combine"``, ``"combine.backward"``, ``"dispatch.backward"`` (``all_to_all_single``).
+    """
+
+    def __init__(self, splits: list[tuple[str, list[int], list[int]]], d: int, stats: int, group: object) -> None:
+        self.group = group
+        self.calls: dict[str, tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = {}
+        self.calls["gate statistics"] = (torch.zeros(stats), torch.zeros(stats), [], [])
+        for name, send, recv in splits:
+            if name == "routing table":
+                row = torch.zeros(send[0], dtype=torch.int64)
+                self.calls[name] = (row, row.new_empty(len(send) * send[0]), send, recv)
+            else:
+                self.calls[name] = (torch.randn(sum(send), d), torch.empty(sum(recv), d), send, recv)
+        self.order = ["gate statistics", *(name for name, _, _ in splits)]
+
+    def __call__(self, name: str) -> None:
+        x, out, send, recv = self.calls[name]
+        out = torch.empty_like(out)  # a functional collective returns a new tensor (what the layer needs)
+        if name == "gate statistics":
+            dist.all_reduce(x, group=self.group)
+        elif name == "routing table":
+            dist.all_gather_into_tensor(out, x, group=self.group)
         else:
-            buffers.append((name, torch.randn(sum(send), d), torch.empty(sum(recv), d), send, recv))
-    start = time.perf_counter()
-    for _name, x, out, send, recv in buffers:
-        if out is None:
-            flat = x.new_empty(len(send) * x.numel())
-            dist.all_gather_into_tensor(flat, x, group=group)
-        else:
-            dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group)
-    return time.perf_counter() - start
+            dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=self.group)
+
+    def all(self) -> float:
+        """Every collective of the step back to back; returns the seconds."""
+        start = time.perf_counter()
+        for name in self.order:
+            self(name)
+        return time.perf_counter() - start
 
 
 def worker(rank: int, world: int, init: str, args: argparse.Namespace, results: object) -> None:
     torch.set_num_threads(1)
+    if args.keep_freed_memory:
+        keep_freed_memory()
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= world:
+        os.sched_setaffinity(0, {cores[rank]})
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))  # fmt: skip
     d, f, E, T = args.d_model, args.d_ff, args.experts, args.tokens
     rows = []
     for layer in LAYERS:
         g = torch.Generator().manual_seed(1)
-        x_all = torch.randn(world * T, d, generator=g)
-        x = x_all[rank * T : (rank + 1) * T]
+        # the layer's input needs a gradient (a layer inside a model): the backward sends it back
+        x_all = torch.randn(world * T, d, generator=g).requires_grad_()
+        x = x_all.detach()[rank * T : (rank + 1) * T].requires_grad_()
         # the single process: rank 0 alone, the others wait at the barrier
         single = 0.0
         if rank == 0:
             whole = build(layer, d, f, E)
             step(whole, x_all)
-            single = min(
+            single = statistics.median(
                 [_time_once(lambda: step(whole, x_all)) for _ in range(args.repeats)]  # noqa: B023
             )
         dist.barrier()
         moe = expert_parallel(build(layer, d, f, E))
         bank = moe.experts
         assert isinstance(bank, ExpertParallelBank)
-        ep = slowest(timed(lambda: step(moe, x), args.repeats))  # noqa: B023
         counter = ByteCounter()
         bank.counter = counter
-        steps, computes = [], []
-        for _ in range(args.repeats):
-            counter.reset()
-            dist.barrier()
-            start = time.perf_counter()
-            step(moe, x)
-            steps.append(time.perf_counter() - start)
-            computes.append(steps[-1] - counter.seconds)  # this rank's step outside the collectives
-        # what the exchange adds to the step: the slowest rank's step minus the slowest rank's own work
-        path_s = slowest(min(steps)) - slowest(min(computes))
-        # this rank's work without any exchange: the gate on its tokens, and a plain MoE layer over its
-        # local experts taking as many rows as they received (its own sort and scatter included)
-        rows_got = sum(bank.last_local_counts)
+        step(moe, x)  # warm-up; the rows each local expert receives are the same every step
+        raw = RawExchanges(list(counter.splits), d, 2 * E + 1, bank.group)  # the balance loss's sums
+        # this rank's own work, no exchange: the gate on its tokens, and a one-process MoE over its local
+        # experts given exactly the rows they receive (its own sort and scatter included)
         gate = copy.deepcopy(moe.gate)
         gate.batch_sum = None
-        local_experts = bank.local.num_experts
-        plain = MoE(TopKGate(d, local_experts, k=min(layer.k, local_experts)), copy.deepcopy(bank.local))
-        x_rows = torch.randn(max(1, rows_got // min(layer.k, local_experts)), d)
+        received = list(bank.last_local_counts)
+        plain = MoE(FixedRouting(d, received), copy.deepcopy(bank.local))
+        x_rows = torch.randn(sum(received), d, requires_grad=True)
 
-        def local_step() -> None:
+        def own_work(exchange: RawExchanges | None = None) -> None:
+            """The local work; with ``exchange``, the raw collectives where the layer runs its own."""
+            at = exchange or (lambda name: None)
             aux = gate(x).aux_loss  # noqa: B023
+            at("gate statistics")
+            at("routing table")
+            at("dispatch")
             y = plain(x_rows)  # noqa: B023
-            (y.square().mean() + (aux if aux is not None else 0)).backward()
+            at("combine")
+            at("combine.backward")
+            y.square().mean().backward()
+            at("dispatch.backward")
+            if aux is not None:
+                aux.backward()
             plain.zero_grad(set_to_none=True)  # noqa: B023
             gate.zero_grad(set_to_none=True)  # noqa: B023
+            x.grad = x_rows.grad = None  # noqa: B023
 
-        local_s = slowest(timed(local_step, args.repeats))
+        own_work()
+        own_work(raw)
+        times: dict[str, list[float]] = {"ep": [], "outside": [], "local": [], "ideal": [], "raw": []}
+        for _ in range(args.repeats):  # alternating: a disturbance of the machine hits every variant
+            counter.reset()
+            times["ep"].append(_time_synced(lambda: step(moe, x)))  # noqa: B023
+            times["outside"].append(times["ep"][-1] - counter.seconds)  # this rank outside the collectives
+            assert bank.last_local_counts == received
+            times["local"].append(_time_synced(own_work))
+            times["ideal"].append(_time_synced(lambda: own_work(raw)))  # noqa: B023
+            times["raw"].append(_time_synced(raw.all))
+        # per iteration, the slowest rank's time of each variant; the step costs are medians of the
+        # iterations' differences (paired: a slow stretch of the machine hits both sides of a difference)
+        per_step = {name: slowest_each(values) for name, values in times.items()}
+        ep_adds = statistics.median(e - o for e, o in zip(per_step["ep"], per_step["local"]))
+        raw_adds = statistics.median(i - o for i, o in zip(per_step["ideal"], per_step["local"]))
+        in_collectives = statistics.median(e - o for e, o in zip(per_step["ep"], per_step["outside"]))
         data = sum(v for n, v in counter.by_name.items() if n != "routing table")
         forward = sum(v for n, v in counter.by_name.items() if n in ("dispatch", "combine"))
         routed = int(moe.last_stats.tokens_per_expert.sum()) if moe.last_stats is not None else 0
         analytic = routed * d * 2 * 4  # the group's routed rows, there and back, fp32
-        raws = []
-        for _ in range(args.repeats):
-            dist.barrier()
-            raws.append(replay(counter.splits, d, bank.group))
-        raw_s = slowest(min(raws))
         rows.append(
             {
                 "layer": layer.name,
                 "single_ms": single * 1e3,
-                "ep_ms": ep * 1e3,
                 "forward_bytes": summed(forward),
                 "step_bytes": summed(data),
                 "analytic": analytic,
-                "path_ms": path_s * 1e3,
-                "local_ms": local_s * 1e3,
-                "raw_ms": raw_s * 1e3,
+                "ep_ms": statistics.median(per_step["ep"]) * 1e3,
+                "local_ms": statistics.median(per_step["local"]) * 1e3,
+                "ep_adds_ms": ep_adds * 1e3,
+                "raw_adds_ms": raw_adds * 1e3,
+                "raw_alone_ms": statistics.median(per_step["raw"]) * 1e3,
+                "in_collectives_ms": in_collectives * 1e3,
             }
         )
     if rank == 0:
         results.put(rows)  # type: ignore[attr-defined]
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _time_synced(fn) -> float:  # noqa: ANN001
+    """Seconds of ``fn()`` on this rank, every rank starting together."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _time_once(fn) -> float:  # noqa: ANN001
@@ -206,12 +285,15 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=None)
     parser.add_argument("--d-ff", type=int, default=None)
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="iterations per layer (default 15; quick 3)")
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="glibc keeps freed memory in the ranks (no page faults)"
+    )
     args = parser.parse_args()
     args.tokens = args.tokens or (256 if args.quick else 1024)
     args.d_model = args.d_model or (128 if args.quick else 512)
     args.d_ff = args.d_ff or (4 * args.d_model)
-    args.repeats = args.repeats or (3 if args.quick else 7)
+    args.repeats = args.repeats or (3 if args.quick else 15)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
@@ -226,25 +308,29 @@ def main() -> None:
             print(f"(a rank ended abnormally after reporting: {exc})")
     print(
         f"gloo, {args.world} ranks x 1 thread; E={args.experts}, d={args.d_model}, F={args.d_ff}, "
-        f"{args.tokens} tokens per rank (global batch {args.world * args.tokens}); best of {args.repeats}"
+        f"{args.tokens} tokens per rank (global batch {args.world * args.tokens}); medians of {args.repeats} "
+        f"iterations; {'glibc keeping freed memory' if args.keep_freed_memory else 'default glibc malloc'}"
     )
     head = (
-        f"{'layer':<22}{'1 proc ms':>10}{'EP ms':>9}{'speed-up':>9}{'fwd MB':>9}{'analytic':>9}"
-        f"{'fwd+bwd MB':>11}{'local ms':>9}{'added ms':>9}{'in coll. ms':>12}{'raw ms':>8}{'ratio':>7}"
+        f"{'layer':<22}{'1 proc ms':>10}{'EP ms':>9}{'speed-up':>9}{'fwd MB':>9}{'analytic':>9}{'fwd+bwd MB':>11}"
+        f"{'local ms':>9}{'EP adds':>8}{'raw adds':>9}{'ratio':>7}{'raw alone':>10}{'in coll.':>9}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
+        ep_adds, raw_adds = r["ep_adds_ms"], r["raw_adds_ms"]
         print(
             f"{r['layer']:<22}{r['single_ms']:>10.1f}{r['ep_ms']:>9.1f}{r['single_ms'] / r['ep_ms']:>8.2f}x"
             f"{r['forward_bytes'] / 1e6:>9.2f}{r['analytic'] / 1e6:>9.2f}{r['step_bytes'] / 1e6:>11.2f}"
-            f"{r['local_ms']:>9.1f}{r['ep_ms'] - r['local_ms']:>9.1f}{r['path_ms']:>12.2f}{r['raw_ms']:>8.2f}"
-            f"{(r['ep_ms'] - r['local_ms']) / r['raw_ms']:>7.2f}"
+            f"{r['local_ms']:>9.1f}{ep_adds:>8.1f}{raw_adds:>9.1f}{ep_adds / raw_adds:>7.2f}"
+            f"{r['raw_alone_ms']:>10.2f}{r['in_collectives_ms']:>9.2f}"
         )
     print(
-        "fwd MB: dispatch + combine sent, all ranks; analytic: routed rows x d x 2 x 4 bytes; local: the slowest "
-        "rank's gate and experts alone; added: EP - local; in coll.: slowest step - slowest time outside the "
-        "collectives; raw: the same collectives replayed; ratio: added / raw (target <= 1.10)"
+        "fwd MB: dispatch + combine sent, all ranks; analytic: routed rows x d x 2 x 4 bytes; local: the rank's own "
+        "work alone (gate, sort, its experts on the rows they receive, scatter; fwd+bwd); EP adds: EP - local; raw "
+        "adds: the local work with the layer's collectives replayed raw where the layer runs them, minus local "
+        "(the transfers and the waits they impose); ratio: EP adds / raw adds (target <= 1.10); raw alone: the "
+        "collectives back to back; in coll.: EP step - its time outside the collectives. Medians (see --help)."
     )
 
 

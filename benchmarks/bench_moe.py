@@ -35,8 +35,11 @@ accumulation. The third table splits one MPOE micro-batch into parts (route, reb
 the rest: dispatch and combine) with their GFLOP/s, and compares the rebuild's rate with ``torch.mm``
 of the same FLOPs (target: at least 60%).
 
+``--keep-freed-memory`` runs after :func:`mpolab.allocator.keep_freed_memory` (glibc reuses freed
+blocks instead of faulting fresh pages in for each new tensor; CPU only); the header says which.
+
 Run: ``python benchmarks/bench_moe.py [--quick] [--threads N] [--device cuda] [--grad-accum 8]
-[--accum-only]`` from the repository root.
+[--accum-only] [--keep-freed-memory]`` from the repository root.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from _common import (  # noqa: E402
 
 import mpolab  # noqa: E402
 from mpolab import MPOLinear, TruncationOptions  # noqa: E402
+from mpolab.allocator import keep_freed_memory  # noqa: E402
 from mpolab_moe import DenseExperts, FFNWeights, MoE, TopKGate, aux_loss  # noqa: E402
 from mpolab_moe.experts.base import grouped_ffn  # noqa: E402
 
@@ -365,7 +369,13 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (8; quick: 2)")
     parser.add_argument("--accum-only", action="store_true", help="only the training-at-Switch-speed tables")
     parser.add_argument("--no-accum", action="store_true", help="without the training-at-Switch-speed tables")
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="mpolab.allocator.keep_freed_memory() first (CPU, glibc)"
+    )
     args = parser.parse_args()
+    allocator = "default glibc malloc"
+    if args.keep_freed_memory:
+        allocator = "glibc keeping freed memory" if keep_freed_memory() else "keep_freed_memory: not glibc, no change"
     if args.grad_accum is None:
         args.grad_accum = 2 if args.quick else 8
     if args.grad_accum < 1:
@@ -374,7 +384,10 @@ def main() -> None:
     device = torch.device(args.device)
     tokens = 1024 if args.quick else args.tokens
     env = environment(threads)
-    print(f"bench_moe: T5-base FFN shapes (d {D_MODEL}, F {D_FF}), E = {NUM_EXPERTS}, top-1, {tokens} tokens, {device}")
+    print(
+        f"bench_moe: T5-base FFN shapes (d {D_MODEL}, F {D_FF}), E = {NUM_EXPERTS}, top-1, {tokens} tokens, {device}; "
+        f"{allocator}"
+    )
     print(describe_environment(env))
     monitor = CpuMonitor()
     started = time.perf_counter()
@@ -388,7 +401,7 @@ def main() -> None:
     if args.accum_only:
         print(busy_note(monitor.foreign_cores(), threads))
         print(end_of_run(time.perf_counter() - started))
-        payload = {"environment": env, "tokens": tokens, "accumulation": accum}
+        payload = {"environment": env, "allocator": allocator, "tokens": tokens, "accumulation": accum}
         print(f"results: {write_json('bench_moe', payload)}")
         return
     modules, info = build(tokens, args.max_rank, device, with_transformers=not args.no_transformers)
@@ -459,7 +472,7 @@ def main() -> None:
             )
     print(busy_note(monitor.foreign_cores(), threads))
     print(end_of_run(time.perf_counter() - started))
-    payload = {"environment": env, "tokens": tokens, "rows": records, "accumulation": accum}
+    payload = {"environment": env, "allocator": allocator, "tokens": tokens, "rows": records, "accumulation": accum}
     print(f"results: {write_json('bench_moe', payload)}")
 
 
