@@ -310,7 +310,8 @@ class ExpertParallelBank(ExpertBank):
         W = self.world
         if W == 1 or not torch.is_grad_enabled():
             return self.local(rows, counts)
-        expert, shared = {}, {}
+        expert: dict[str, Tensor] = {}
+        shared: dict[str, Tensor] = {}
         for name, p in self.local.named_parameters():
             if p.requires_grad:
                 (expert if name in self.expert_names else shared)[name] = p
