@@ -432,3 +432,33 @@ def test_harness_kills_a_group_that_runs_past_its_timeout() -> None:
     with pytest.raises(DistributedTestError, match="ran past its 8 s timeout"):
         run_distributed(_hangs_worker, 2, timeout=8, collective_timeout_s=30)
     assert time.perf_counter() - start < 30
+
+
+def test_take_and_place_rows_match_index_select_and_index_copy_with_zero_padding() -> None:
+    """The exchange's row moves: values and gradients as torch's own ops, padding rows exactly 0."""
+    from mpolab_moe.parallel.bank import place_rows, take_rows, unused_rows
+
+    torch.manual_seed(0)
+    index = torch.tensor([5, 0, 3, 6])  # 4 of 8 rows; rows 1, 2, 4, 7 are padding
+    pad = unused_rows(index, 8)
+    assert pad is not None and pad.tolist() == [1, 2, 4, 7]
+    assert unused_rows(torch.randperm(8), 8) is None  # a permutation leaves nothing out
+    was = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)  # torch.empty is NaN-filled: an unwritten row would show
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        x = torch.randn(4, 3, requires_grad=True)
+        placed = place_rows(x, index, pad, 8)
+        want = torch.zeros(8, 3).index_copy(0, index, x)
+        torch.testing.assert_close(placed, want)
+        y = torch.randn(8, 3, requires_grad=True)
+        taken = take_rows(y, index, pad)
+        torch.testing.assert_close(taken, y.index_select(0, index))
+        g_placed, g_taken = torch.randn(8, 3), torch.randn(4, 3)
+        (gx,) = torch.autograd.grad(placed, x, g_placed)
+        (gy,) = torch.autograd.grad(taken, y, g_taken)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = was
+    torch.testing.assert_close(gx, g_placed.index_select(0, index))
+    torch.testing.assert_close(gy, torch.zeros(8, 3).index_copy(0, index, g_taken))  # padding rows: 0

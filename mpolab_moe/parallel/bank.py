@@ -39,7 +39,7 @@ from torch.func import functional_call
 from ..experts.base import BankOutput, ExpertBank
 from .collectives import ByteCounter, GroupRef, all_gather_rows, all_to_all, group_rank, group_size
 
-__all__ = ["ExpertParallelBank", "collective_device", "permute_rows", "scale_gradient"]
+__all__ = ["ExpertParallelBank", "collective_device", "place_rows", "scale_gradient", "take_rows", "unused_rows"]
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -53,28 +53,78 @@ class _ScaleGradient(torch.autograd.Function):
         return grad / ctx.divisor, None
 
 
-class _PermuteRows(torch.autograd.Function):
+def _placed(x: Tensor, index: Tensor, pad: Tensor | None, size: int) -> Tensor:
+    out = x.new_empty(size, *x.shape[1:])
+    out.index_copy_(0, index, x)
+    if pad is not None and pad.numel():
+        out.index_fill_(0, pad, 0)
+    return out
+
+
+class _TakeRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, order)
+    def forward(ctx: Any, y: Tensor, index: Tensor, pad: Tensor | None) -> Tensor:
+        ctx.save_for_backward(index, pad)
+        ctx.size = y.shape[0]
+        return y.index_select(0, index)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+        index, pad = ctx.saved_tensors
+        return _placed(grad, index, pad, ctx.size), None, None
 
 
-def permute_rows(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
-    """``x[order]`` for a permutation ``order`` of ``x``'s rows; the backward is ``grad[inverse]``.
+class _PlaceRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, index: Tensor, pad: Tensor | None, size: int) -> Tensor:
+        ctx.save_for_backward(index)
+        return _placed(x, index, pad, size)
 
-    ``index_select``'s own backward zero-fills a buffer and scatter-adds into it (the index could
-    repeat); for a permutation one gather each way does.
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None, None
+
+
+def unused_rows(index: Tensor, size: int) -> Tensor | None:
+    """The rows of ``[0, size)`` that ``index`` (distinct row ids) leaves out, or ``None`` when it covers all."""
+    if index.numel() == size:
+        return None
+    free = torch.ones(size, dtype=torch.bool, device=index.device)
+    free[index] = False
+    return free.nonzero().squeeze(1)
+
+
+def take_rows(y: Tensor, index: Tensor, pad: Tensor | None = None) -> Tensor:
+    """``y[index]`` for distinct row ids ``index``; the backward writes the gradient rows back in place.
+
+    Args:
+        y: ``[m, ...]``.
+        index: ``[n]`` distinct row ids of ``y`` (a permutation when ``n == m``).
+        pad: the rows of ``y`` that ``index`` leaves out (:func:`unused_rows`); their gradient is 0.
+
+    ``index_select``'s own backward zero-fills an ``[m, ...]`` buffer and scatter-adds into it (its
+    index could repeat); with distinct ids one scatter and a zero-fill of the ``pad`` rows do.
+    """
+    if torch.is_grad_enabled() and y.requires_grad:
+        out: Tensor = _TakeRows.apply(y, index, pad)
+        return out
+    return y.index_select(0, index)
+
+
+def place_rows(x: Tensor, index: Tensor, pad: Tensor | None, size: int) -> Tensor:
+    """``[size, ...]`` with row ``index[i]`` = ``x[i]`` and the ``pad`` rows zero; the backward is a gather.
+
+    Args:
+        x: ``[n, ...]``.
+        index: ``[n]`` distinct row ids in ``[0, size)``.
+        pad: every other row id (:func:`unused_rows`), or ``None`` when ``index`` covers them all.
+        size: rows of the result.
     """
     if torch.is_grad_enabled() and x.requires_grad:
-        out: Tensor = _PermuteRows.apply(x, order, inverse)
+        out: Tensor = _PlaceRows.apply(x, index, pad, size)
         return out
-    return x.index_select(0, order)
+    return _placed(x, index, pad, size)
 
 
 def scale_gradient(x: Tensor, divisor: float) -> Tensor:
@@ -254,14 +304,15 @@ class ExpertParallelBank(ExpertBank):
             per_rank = [sum(counts[starts[r] : starts[r + 1]]) for r in range(W)]
             send, recv = per_rank, recv_counts.sum(1).tolist()
             seg_start = (recv_counts.flatten().cumsum(0) - recv_counts.flatten()).view(W, El)
-            out_x, slot = x, None
+            out_x, slot, slot_pad = x, None, None
         else:
             C = int(table[:, E + len(stats)].max())
             counts_t = torch.tensor(counts, dtype=torch.int64)
             group_start = counts_t.cumsum(0) - counts_t
             expert_of_row = torch.repeat_interleave(torch.arange(E), counts_t)
             slot = (expert_of_row * C + torch.arange(x.shape[0]) - group_start[expert_of_row]).to(dev)
-            out_x = x.new_zeros(E * C, x.shape[1]).index_copy(0, slot, x)
+            slot_pad = unused_rows(slot, E * C)
+            out_x = place_rows(x, slot, slot_pad, E * C)  # padded to C rows per expert
             send = [self.placement[r] * C for r in range(W)]
             recv = [El * C] * W
             seg_start = (torch.arange(W * El) * C).view(W, El)
@@ -276,15 +327,9 @@ class ExpertParallelBank(ExpertBank):
         identity = El == 1 and slot is None
         group = self.group
         received = all_to_all(out_x, send, recv, group=group, name="dispatch", counter=self.counter)
-        inverse = None
-        if identity:
-            rows = received
-        elif slot is None:  # dropless: ``gather`` is a permutation of the received rows
-            inverse = torch.empty_like(gather)
-            inverse[gather] = torch.arange(gather.numel(), device=dev)
-            rows = permute_rows(received, gather, inverse)
-        else:  # capacity: the real rows, without the padding
-            rows = received.index_select(0, gather)
+        # dropless: ``gather`` is a permutation of the received rows; capacity: the real rows, not the padding
+        gather_pad = None if identity else unused_rows(gather, received.shape[0])
+        rows = received if identity else take_rows(received, gather, gather_pad)
         if rows.shape[0]:
             y_local = self._local_forward(rows, local_counts)
         else:
@@ -295,14 +340,9 @@ class ExpertParallelBank(ExpertBank):
             if torch.is_grad_enabled():
                 tied = [rows.sum()] + [p.sum().to(rows.dtype) for p in self.local.parameters() if p.requires_grad]
                 y_local = y_local + 0 * torch.stack(tied).sum()
-        if identity:
-            back = y_local
-        elif inverse is not None:
-            back = permute_rows(y_local, inverse, gather)
-        else:
-            back = y_local.new_zeros(received.shape[0], y_local.shape[-1]).index_copy(0, gather, y_local)
+        back = y_local if identity else place_rows(y_local, gather, gather_pad, received.shape[0])
         returned = all_to_all(back, recv, send, group=group, name="combine", counter=self.counter)
-        y = returned if slot is None else returned.index_select(0, slot)
+        y = returned if slot is None else take_rows(returned, slot, slot_pad)
         return y, totals
 
     def _local_forward(self, rows: Tensor, counts: list[int]) -> Tensor:
