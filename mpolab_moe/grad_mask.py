@@ -43,14 +43,24 @@ from .experts.mpo import MPOExperts
 __all__ = ["GradientMask"]
 
 
+def _first_ranks_value(value: int, group: Any) -> int:
+    """``value`` as the first rank of ``group`` has it (a broadcast; every rank of the group calls it)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    shared = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
+    return int(shared.item())
+
+
 class GradientMask:
     """Randomly mask the shared central tensors' updates of every MPOE bank in a model.
 
     Args:
         model: a module tree containing :class:`MPOExperts` banks, or an iterable of banks.
         p_b: probability that a step is masked, in ``[0, 1]``.
-        seed: seed of the mask's own random generator (``None``: drawn from torch's global RNG).
-            Data-parallel replicas must pass the same seed (they must mask the same steps).
+        seed: seed of the mask's own random generator (``None``: drawn from torch's global RNG;
+            with a ``replica_group``, the group's first rank draws it and broadcasts it here, so
+            replicas mask the same steps whatever their RNG states: every replica must build the
+            mask). Replicas that pass a seed must pass the same one.
         replica_group: the process group over which the banks are *replicated* (DDP, FSDP2; e.g.
             ``torch.distributed.group.WORLD``): the record of routed experts is OR-reduced over it
             before each step. ``None``: no communication (one process, or expert parallelism).
@@ -96,8 +106,12 @@ class GradientMask:
         self.banks = banks
         self.p_b = float(p_b)
         self.replica_group = replica_group
+        if seed is None:
+            seed = int(torch.randint(2**62, ()).item())
+            if replica_group is not None:
+                seed = _first_ranks_value(seed, replica_group)
         self.generator = torch.Generator()
-        self.generator.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
+        self.generator.manual_seed(seed)
         self.last_masked = False
         self.num_steps = 0
         self.num_masked = 0

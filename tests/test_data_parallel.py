@@ -435,6 +435,27 @@ def mask_worker(rank: int, world: int) -> None:
         assert differed, f"{wrap}: every rank routed the same experts; the record's reduction was not exercised"
 
 
+def mask_seed_worker(rank: int, world: int) -> None:
+    """Replicas with different RNG states: seed=None with a replica group still masks the same steps."""
+    model = build("mpo")  # the same model on every rank (build seeds)
+    torch.manual_seed(100 + rank)  # then the global RNGs differ, as they may in a user's script
+
+    def decisions(mask: mpolab_moe.GradientMask) -> list[list[bool]]:
+        mine = torch.tensor([mask.draw() for _ in range(24)])
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        return [g.tolist() for g in gathered]
+
+    shared = decisions(mpolab_moe.GradientMask(model, p_b=0.5, replica_group=dist.group.WORLD))
+    assert all(d == shared[0] for d in shared), shared
+    own = decisions(mpolab_moe.GradientMask(model, p_b=0.5))  # no group: each rank's own draw
+    assert any(d != own[0] for d in own), "the ranks drew the same 24 decisions: the check tests nothing"
+
+
+def test_gradient_mask_replicas_share_the_seed_when_none_is_given() -> None:
+    run_distributed(mask_seed_worker, WORLD, timeout=60)
+
+
 def test_gradient_mask_under_ddp_and_fsdp2() -> None:
     """Replicas OR-reduce the routed-expert record: masked steps restore the same experts everywhere."""
     run_distributed(mask_worker, WORLD, timeout=110)
