@@ -359,8 +359,8 @@ def accumulation_section(args: argparse.Namespace, tokens: int, device: torch.de
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1024 tokens, fewer repeats")
-    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--quick", action="store_true", help="1024 tokens (unless --tokens), fewer repeats")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per micro-batch (4096; quick: 1024)")
     parser.add_argument("--max-rank", type=int, default=64, help="bond cap of the truncated MPOE row")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -382,7 +382,7 @@ def main() -> None:
         parser.error(f"--grad-accum must be a positive number of micro-batches, got {args.grad_accum}")
     threads = setup_threads(args.threads)
     device = torch.device(args.device)
-    tokens = 1024 if args.quick else args.tokens
+    tokens = args.tokens or (1024 if args.quick else 4096)
     env = environment(threads)
     print(
         f"bench_moe: T5-base FFN shapes (d {D_MODEL}, F {D_FF}), E = {NUM_EXPERTS}, top-1, {tokens} tokens, {device}; "
