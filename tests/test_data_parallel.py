@@ -550,3 +550,47 @@ def test_bad_calls_are_refused(tmp_path: Path) -> None:
     assert mdist.save_gathered(layer, tmp_path / "one") == tmp_path / "one"
     loaded = mpolab.load(tmp_path / "one", base=mpo_layer())
     assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), layer.parameters()))
+
+
+# ---------------------------------------------------------------------------------------- DynMoE's adapt
+def top_any_worker(rank: int, world: int) -> None:
+    """Replicas (record_group) and expert-parallel ranks (batch_sum) adapt from the records of all ranks.
+
+    Rank 0's tokens reach only expert 0; rank 1's tokens reach no active expert. Over the whole
+    batch: expert 1 got nothing (removed) and a new expert is made from rank 1's tokens. Alone,
+    each rank would decide differently (rank 0: nothing to add; rank 1: expert 0 unused too).
+    """
+    from mpolab_moe.gates.top_any import TopAnyGate
+    from mpolab_moe.parallel.api import GroupReducer
+
+    def adapted(sync: str) -> tuple[list[list[bool]], list[torch.Tensor], object]:
+        torch.manual_seed(0)
+        gate = TopAnyGate(8, num_experts=4, num_active=2, adaptive=False)
+        if sync == "record_group":
+            gate.record_group = dist.group.WORLD
+        elif sync == "batch_sum":
+            gate.batch_sum = GroupReducer()
+        # W has orthonormal columns: W[:, e] scores sigmoid(1) with expert e and sigmoid(0) = the threshold elsewhere
+        direction = gate.weight[:, 0] if rank == 0 else gate.weight[:, 3]
+        x = direction.detach().expand(16, 8) * torch.linspace(1, 2, 16)[:, None]
+        gate.start_recording()
+        gate(x)
+        result = gate.adapt()
+        active = gate.active.clone()
+        masks = [torch.empty_like(active) for _ in range(world)]
+        weights = [torch.empty_like(gate.weight) for _ in range(world)]
+        dist.all_gather(masks, active)
+        dist.all_gather(weights, gate.weight.detach().contiguous())
+        return [m.tolist() for m in masks], weights, result
+
+    for sync in ("record_group", "batch_sum"):
+        masks, weights, result = adapted(sync)
+        assert masks == [[True, True, False, False]] * world, (sync, masks)
+        assert result.removed == [1] and result.added == 1 and result.recorded_tokens == 16 * world, (sync, result)
+        torch.testing.assert_close(weights[1], weights[0])  # the new expert's embedding, the same everywhere
+    masks, weights, _ = adapted("none")  # rank 1 alone re-makes slot 0 from its tokens; rank 0 keeps it
+    assert masks[0] != masks[1] or not torch.equal(weights[0], weights[1]), "rank-local updates agree: tests nothing"
+
+
+def test_top_any_adapt_sums_the_routing_records_of_every_rank() -> None:
+    run_distributed(top_any_worker, WORLD, timeout=60)

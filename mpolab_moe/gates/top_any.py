@@ -30,8 +30,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -93,6 +95,10 @@ class TopAnyGate(Gate):
         weight: ``W [d, M]`` expert embeddings (fp32, trainable).
         threshold_logits: ``G [M]`` (fp32, trainable); the threshold is ``sigmoid(G)``.
         active: ``[M]`` bool buffer, the mask ``m``.
+        record_group: a process group whose ranks hold replicas of this gate (DDP, FSDP2):
+            :meth:`adapt` sums their routing records first (one all-reduce), so every replica
+            makes the same update. ``None``: this process's records, or the expert-parallel
+            group's when :attr:`batch_sum` is set (:func:`mpolab_moe.parallel.expert_parallel`).
 
     Examples:
         >>> gate = TopAnyGate(64, num_experts=8, num_active=2, record_steps=100, idle_steps=100)
@@ -152,6 +158,7 @@ class TopAnyGate(Gate):
         self.unrouted_tokens = 0
         #: training forwards seen by the automatic schedule
         self.schedule_step = 0
+        self.record_group: Any = None
         self.history: list[AdaptResult] = []
         self.reset_parameters()
 
@@ -317,6 +324,7 @@ class TopAnyGate(Gate):
             ValueError: when nothing was recorded since the last update (call :meth:`start_recording`
                 and run forwards first, or let the automatic schedule do it).
         """
+        self._sum_records_over_ranks()
         if self.recorded_forwards == 0 or self.recorded_tokens == 0:
             raise ValueError(
                 "TopAnyGate.adapt() needs routing records: call gate.start_recording() and run forwards "
@@ -345,6 +353,32 @@ class TopAnyGate(Gate):
         self.reset_records()
         self.recording = False
         return result
+
+    def _sum_records_over_ranks(self) -> None:
+        """Replace this rank's routing records by the sum over :attr:`record_group` (or the ``batch_sum`` group).
+
+        Every rank of the group must call :meth:`adapt` at the same point (the automatic schedule
+        does: it counts training forwards, which replicas and expert-parallel ranks run in step).
+        """
+        if self.record_group is None and self.batch_sum is None:
+            return
+        packed = torch.cat(
+            [
+                self.routed_counts.double(),
+                self.unrouted_sum.double(),
+                self.routed_counts.new_tensor([self.recorded_tokens, self.unrouted_tokens]).double(),
+            ]
+        )
+        if self.record_group is not None:
+            dist.all_reduce(packed, group=self.record_group)
+            total = packed
+        else:
+            assert self.batch_sum is not None
+            total = self.batch_sum(packed)
+        E = self.num_experts
+        self.routed_counts.copy_(total[:E].round().long())
+        self.unrouted_sum.copy_(total[E:-2].to(self.unrouted_sum.dtype))
+        self.recorded_tokens, self.unrouted_tokens = (int(v) for v in total[-2:].round().tolist())
 
     def _reset_optimizer_slot(self, optimizer: torch.optim.Optimizer, slot: int) -> None:
         for param, dim in ((self.weight, 1), (self.threshold_logits, 0)):
