@@ -462,3 +462,8 @@ def test_take_and_place_rows_match_index_select_and_index_copy_with_zero_padding
         torch.utils.deterministic.fill_uninitialized_memory = was
     torch.testing.assert_close(gx, g_placed.index_select(0, index))
     torch.testing.assert_close(gy, torch.zeros(8, 3).index_copy(0, index, g_taken))  # padding rows: 0
+    # the gradient scaling folded into the moves (expert parallelism divides the experts' gradient there)
+    (gx2,) = torch.autograd.grad(place_rows(x, index, pad, 8, grad_scale=0.5), x, g_placed)
+    (gy2,) = torch.autograd.grad(take_rows(y, index, pad, grad_scale=2.0), y, g_taken)
+    torch.testing.assert_close(gx2, gx * 0.5)
+    torch.testing.assert_close(gy2, gy * 2.0)

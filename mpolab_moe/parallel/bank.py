@@ -63,27 +63,30 @@ def _placed(x: Tensor, index: Tensor, pad: Tensor | None, size: int) -> Tensor:
 
 class _TakeRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, y: Tensor, index: Tensor, pad: Tensor | None) -> Tensor:
+    def forward(ctx: Any, y: Tensor, index: Tensor, pad: Tensor | None, grad_scale: float) -> Tensor:
         ctx.save_for_backward(index, pad)
-        ctx.size = y.shape[0]
+        ctx.size, ctx.grad_scale = y.shape[0], grad_scale
         return y.index_select(0, index)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         index, pad = ctx.saved_tensors
-        return _placed(grad, index, pad, ctx.size), None, None
+        out = _placed(grad, index, pad, ctx.size)
+        return (out if ctx.grad_scale == 1.0 else out.mul_(ctx.grad_scale)), None, None, None
 
 
 class _PlaceRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, index: Tensor, pad: Tensor | None, size: int) -> Tensor:
+    def forward(ctx: Any, x: Tensor, index: Tensor, pad: Tensor | None, size: int, grad_scale: float) -> Tensor:
         ctx.save_for_backward(index)
+        ctx.grad_scale = grad_scale
         return _placed(x, index, pad, size)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         (index,) = ctx.saved_tensors
-        return grad.index_select(0, index), None, None, None
+        out = grad.index_select(0, index)
+        return (out if ctx.grad_scale == 1.0 else out.mul_(ctx.grad_scale)), None, None, None, None
 
 
 def unused_rows(index: Tensor, size: int) -> Tensor | None:
@@ -95,24 +98,25 @@ def unused_rows(index: Tensor, size: int) -> Tensor | None:
     return free.nonzero().squeeze(1)
 
 
-def take_rows(y: Tensor, index: Tensor, pad: Tensor | None = None) -> Tensor:
+def take_rows(y: Tensor, index: Tensor, pad: Tensor | None = None, *, grad_scale: float = 1.0) -> Tensor:
     """``y[index]`` for distinct row ids ``index``; the backward writes the gradient rows back in place.
 
     Args:
         y: ``[m, ...]``.
         index: ``[n]`` distinct row ids of ``y`` (a permutation when ``n == m``).
         pad: the rows of ``y`` that ``index`` leaves out (:func:`unused_rows`); their gradient is 0.
+        grad_scale: the gradient is multiplied by it on its way back (in the same pass).
 
     ``index_select``'s own backward zero-fills an ``[m, ...]`` buffer and scatter-adds into it (its
     index could repeat); with distinct ids one scatter and a zero-fill of the ``pad`` rows do.
     """
     if torch.is_grad_enabled() and y.requires_grad:
-        out: Tensor = _TakeRows.apply(y, index, pad)
+        out: Tensor = _TakeRows.apply(y, index, pad, float(grad_scale))
         return out
     return y.index_select(0, index)
 
 
-def place_rows(x: Tensor, index: Tensor, pad: Tensor | None, size: int) -> Tensor:
+def place_rows(x: Tensor, index: Tensor, pad: Tensor | None, size: int, *, grad_scale: float = 1.0) -> Tensor:
     """``[size, ...]`` with row ``index[i]`` = ``x[i]`` and the ``pad`` rows zero; the backward is a gather.
 
     Args:
@@ -120,9 +124,10 @@ def place_rows(x: Tensor, index: Tensor, pad: Tensor | None, size: int) -> Tenso
         index: ``[n]`` distinct row ids in ``[0, size)``.
         pad: every other row id (:func:`unused_rows`), or ``None`` when ``index`` covers them all.
         size: rows of the result.
+        grad_scale: the gradient is multiplied by it on its way back (in the same pass).
     """
     if torch.is_grad_enabled() and x.requires_grad:
-        out: Tensor = _PlaceRows.apply(x, index, pad, size)
+        out: Tensor = _PlaceRows.apply(x, index, pad, size, float(grad_scale))
         return out
     return _placed(x, index, pad, size)
 
@@ -327,11 +332,18 @@ class ExpertParallelBank(ExpertBank):
         identity = El == 1 and slot is None
         group = self.group
         received = all_to_all(out_x, send, recv, group=group, name="dispatch", counter=self.counter)
+        # The experts' gradient is divided by the group size on the rows' side or the parameters' (module
+        # doc). Rows' side: the gradient entering the local bank / W, leaving it * W, folded into the moves.
+        side = self._gradient_side(sum(local_counts))
+        row_scale = float(W) if side == "rows" else 1.0
         # dropless: ``gather`` is a permutation of the received rows; capacity: the real rows, not the padding
         gather_pad = None if identity else unused_rows(gather, received.shape[0])
-        rows = received if identity else take_rows(received, gather, gather_pad)
+        if identity:
+            rows = received if row_scale == 1.0 else scale_gradient(received, 1.0 / row_scale)
+        else:
+            rows = take_rows(received, gather, gather_pad, grad_scale=row_scale)
         if rows.shape[0]:
-            y_local = self._local_forward(rows, local_counts)
+            y_local = self._local_forward(rows, local_counts, side)
         else:
             # Nothing to compute, but the graph must look as if: the received rows (so the dispatch's
             # backward exchange runs here as on every other rank) and every parameter (DDP expects
@@ -340,36 +352,50 @@ class ExpertParallelBank(ExpertBank):
             if torch.is_grad_enabled():
                 tied = [rows.sum()] + [p.sum().to(rows.dtype) for p in self.local.parameters() if p.requires_grad]
                 y_local = y_local + 0 * torch.stack(tied).sum()
-        back = y_local if identity else place_rows(y_local, gather, gather_pad, received.shape[0])
+        if identity:
+            back = y_local if row_scale == 1.0 else scale_gradient(y_local, row_scale)
+        else:
+            back = place_rows(y_local, gather, gather_pad, received.shape[0], grad_scale=1.0 / row_scale)
         returned = all_to_all(back, recv, send, group=group, name="combine", counter=self.counter)
         y = returned if slot is None else take_rows(returned, slot, slot_pad)
         return y, totals
 
-    def _local_forward(self, rows: Tensor, counts: list[int]) -> Tensor:
-        """The local bank on ``rows [n, d]``, per-expert gradients divided by the group size (see the module doc)."""
-        W = self.world
-        if W == 1 or not torch.is_grad_enabled():
-            return self.local(rows, counts)
-        expert: dict[str, Tensor] = {}
-        shared: dict[str, Tensor] = {}
-        for name, p in self.local.named_parameters():
-            if p.requires_grad:
-                (expert if name in self.expert_names else shared)[name] = p
+    def _gradient_side(self, num_rows: int) -> str | None:
+        """Where this forward divides the experts' gradient by the group size: ``"rows"``, ``"parameters"``,
+        or ``None`` (one rank, or no gradient)."""
+        if self.world == 1 or not torch.is_grad_enabled():
+            return None
         on = self.scale_gradients_on
         if on not in ("auto", "rows", "parameters"):
             raise ValueError(f"scale_gradients_on must be 'auto', 'rows' or 'parameters', got {on!r}")
         if on == "auto":
-            row_numbers = rows.shape[0] * (self.in_features + self.out_features)
-            rows_side = row_numbers + sum(p.numel() for p in shared.values())
-            on = "rows" if rows_side < sum(p.numel() for p in expert.values()) else "parameters"
-        if on == "rows":
-            self.gradient_scaling = "rows"
-            swap = {name: scale_gradient(p, 1.0 / W) for name, p in shared.items()}  # times W
-            rows = scale_gradient(rows, 1.0 / W)  # the rows' gradient leaves the experts times W, as received
-            y = functional_call(self.local, swap, (rows, counts)) if swap else self.local(rows, counts)
-            return scale_gradient(y, W)  # the experts see the received gradient divided by W
-        self.gradient_scaling = "parameters"
-        swap = {name: scale_gradient(p, W) for name, p in expert.items()}
+            expert_numbers = shared_numbers = 0
+            for name, p in self.local.named_parameters():
+                if p.requires_grad:
+                    if name in self.expert_names:
+                        expert_numbers += p.numel()
+                    else:
+                        shared_numbers += p.numel()
+            rows_side = num_rows * (self.in_features + self.out_features) + shared_numbers
+            on = "rows" if rows_side < expert_numbers else "parameters"
+        self.gradient_scaling = on
+        return on
+
+    def _local_forward(self, rows: Tensor, counts: list[int], side: str | None) -> Tensor:
+        """The local bank on ``rows [n, d]``; the parameters' side of the gradient scaling (module doc).
+
+        ``side="rows"``: the rows' gradient is already divided by the group size ``W`` on its way in,
+        so the replicated tensors' gradient is multiplied back by ``W``; ``"parameters"``: the
+        per-expert tensors' gradient is divided by ``W``; ``None``: nothing to do.
+        """
+        if side is None:
+            return self.local(rows, counts)
+        W = self.world
+        swap = {
+            name: scale_gradient(p, 1.0 / W if side == "rows" else W)
+            for name, p in self.local.named_parameters()
+            if p.requires_grad and (name in self.expert_names) == (side == "parameters")
+        }
         return functional_call(self.local, swap, (rows, counts)) if swap else self.local(rows, counts)
 
     def extra_repr(self) -> str:
