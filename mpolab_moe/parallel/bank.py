@@ -20,8 +20,10 @@ per-expert tensors' gradient divided by the group size and the replicated ones (
 tensors) not. The factor is applied inside the graph, on whichever side touches fewer numbers
 this forward: on the per-expert tensors' gradients, or on the gradient rows entering the local
 bank (``/ world``, ``* world`` on the rows leaving it and on the replicated tensors' gradients).
-A dense bank's experts hold far more numbers than the rows they see, so it takes the rows side
-(a hook dividing every expert weight's gradient was most of the exchange's cost).
+On the rows' side the factor rides on the regrouping of the received rows (no pass of its own),
+so most banks take it: dense experts hold far more numbers than the rows they see (a hook
+dividing every expert weight's gradient was most of the exchange's cost), and LoRA / IA3 banks
+have no trainable replicated tensor to correct.
 """
 
 from __future__ import annotations
@@ -334,7 +336,7 @@ class ExpertParallelBank(ExpertBank):
         received = all_to_all(out_x, send, recv, group=group, name="dispatch", counter=self.counter)
         # The experts' gradient is divided by the group size on the rows' side or the parameters' (module
         # doc). Rows' side: the gradient entering the local bank / W, leaving it * W, folded into the moves.
-        side = self._gradient_side(sum(local_counts))
+        side = self._gradient_side(0 if not identity else sum(local_counts))  # moved rows: scaled for free
         row_scale = float(W) if side == "rows" else 1.0
         # dropless: ``gather`` is a permutation of the received rows; capacity: the real rows, not the padding
         gather_pad = None if identity else unused_rows(gather, received.shape[0])
@@ -362,7 +364,8 @@ class ExpertParallelBank(ExpertBank):
 
     def _gradient_side(self, num_rows: int) -> str | None:
         """Where this forward divides the experts' gradient by the group size: ``"rows"``, ``"parameters"``,
-        or ``None`` (one rank, or no gradient)."""
+        or ``None`` (one rank, or no gradient). ``num_rows``: rows the rows' side would scale in a
+        pass of its own (0 when the scaling rides on the rows' regrouping)."""
         if self.world == 1 or not torch.is_grad_enabled():
             return None
         on = self.scale_gradients_on
