@@ -46,13 +46,13 @@ __all__ = ["ExpertParallelBank", "collective_device", "place_rows", "scale_gradi
 
 class _ScaleGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, divisor: float) -> Tensor:
-        ctx.divisor = divisor
+    def forward(ctx: Any, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad / ctx.divisor, None
+        return grad * ctx.factor, None
 
 
 def _placed(x: Tensor, index: Tensor, pad: Tensor | None, size: int) -> Tensor:
@@ -134,16 +134,16 @@ def place_rows(x: Tensor, index: Tensor, pad: Tensor | None, size: int, *, grad_
     return _placed(x, index, pad, size)
 
 
-def scale_gradient(x: Tensor, divisor: float) -> Tensor:
-    """``x`` unchanged in the forward; its gradient divided by ``divisor`` in the backward.
+def scale_gradient(x: Tensor, factor: float) -> Tensor:
+    """``x`` unchanged in the forward; its gradient multiplied by ``factor`` in the backward.
 
     Examples:
         >>> w = torch.ones(2, requires_grad=True)
-        >>> scale_gradient(w, 4.0).sum().backward()
+        >>> scale_gradient(w, 0.25).sum().backward()
         >>> w.grad
         tensor([0.2500, 0.2500])
     """
-    out: Tensor = _ScaleGradient.apply(x, float(divisor))
+    out: Tensor = _ScaleGradient.apply(x, float(factor))
     return out
 
 
@@ -174,7 +174,7 @@ class ExpertParallelBank(ExpertBank):
 
     Examples:
         >>> moe = expert_parallel(MoE(TopKGate(64, 8), DenseExperts(64, 256, 8)))  # doctest: +SKIP
-        >>> moe.experts.local.num_experts, moe.experts.lo        # rank 1 of 2
+        >>> moe.experts.local.num_experts, moe.experts.lo        # rank 1 of 2  # doctest: +SKIP
         (4, 4)
     """
 
@@ -341,7 +341,7 @@ class ExpertParallelBank(ExpertBank):
         # dropless: ``gather`` is a permutation of the received rows; capacity: the real rows, not the padding
         gather_pad = None if identity else unused_rows(gather, received.shape[0])
         if identity:
-            rows = received if row_scale == 1.0 else scale_gradient(received, 1.0 / row_scale)
+            rows = received if row_scale == 1.0 else scale_gradient(received, row_scale)
         else:
             rows = take_rows(received, gather, gather_pad, grad_scale=row_scale)
         if rows.shape[0]:
@@ -355,7 +355,7 @@ class ExpertParallelBank(ExpertBank):
                 tied = [rows.sum()] + [p.sum().to(rows.dtype) for p in self.local.parameters() if p.requires_grad]
                 y_local = y_local + 0 * torch.stack(tied).sum()
         if identity:
-            back = y_local if row_scale == 1.0 else scale_gradient(y_local, row_scale)
+            back = y_local if row_scale == 1.0 else scale_gradient(y_local, 1.0 / row_scale)
         else:
             back = place_rows(y_local, gather, gather_pad, received.shape[0], grad_scale=1.0 / row_scale)
         returned = all_to_all(back, recv, send, group=group, name="combine", counter=self.counter)
@@ -395,7 +395,7 @@ class ExpertParallelBank(ExpertBank):
             return self.local(rows, counts)
         W = self.world
         swap = {
-            name: scale_gradient(p, 1.0 / W if side == "rows" else W)
+            name: scale_gradient(p, W if side == "rows" else 1.0 / W)
             for name, p in self.local.named_parameters()
             if p.requires_grad and (name in self.expert_names) == (side == "parameters")
         }
