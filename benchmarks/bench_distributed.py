@@ -99,17 +99,6 @@ def step(moe: MoE, x: torch.Tensor) -> None:
     x.grad = None
 
 
-def timed(fn, repeats: int) -> float:  # noqa: ANN001
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def slowest_each(seconds: list[float]) -> list[float]:
     """Element-wise maximum over the ranks (every rank passes as many values)."""
     t = torch.tensor(seconds, dtype=torch.float64)
