@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import mpolab
+import mpolab.allocator
 from mpolab_moe import GradientMask, aux_loss, moe_layers, moefy
 
 NUMBERS = (
@@ -102,6 +103,11 @@ def make_parser(description: str, family: str) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--speed-steps", type=int, default=3, help="optimiser steps of the Switch-vs-MPOE tokens/s comparison (0: skip)"
+    )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="CPU: mpolab.allocator.keep_freed_memory() first (no page faults on every step's large buffers)",
     )
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -306,6 +312,9 @@ def run_example(
 ) -> dict[str, float]:
     """Both examples' flow: MPOE-upcycle ``layers``, train (plain loop or Trainer), report before/after,
     then training tokens/s of a Switch copy (dense experts) and the MPOE model side by side."""
+    if args.keep_freed_memory:
+        applied = mpolab.allocator.keep_freed_memory()
+        print("glibc keeps freed memory for reuse" if applied else "keep_freed_memory: not glibc, nothing changed")
     switch = copy.deepcopy(model) if args.speed_steps > 0 else None
     report = moefy(
         model, layers=layers, num_experts=args.num_experts, experts="mpo", gate="top1", max_rank=args.max_rank
