@@ -397,20 +397,12 @@ def chunked_ffn(
     w_gate: Tensor | None = None,
     b1: Tensor | None = None,
     b2: Tensor | None = None,
-    experts: Sequence[int] | None = None,
-    weight_grad_scale: float = 1.0,
 ) -> Tensor:
     """:func:`grouped_ffn` for stacked weights, one expert at a time from input to output.
 
     Args:
         x: ``[N, d]`` sorted by expert; counts: ``E`` group sizes summing to ``N``.
         w1, w_gate: ``[E, d, F]``; w2: ``[E, F, d_out]``; b1: ``[E, F]``; b2: ``[E, d_out]``.
-        experts: the expert of each group when the groups are not the ``E`` experts in order
-            (``len(counts)`` groups; an expert may own several groups, e.g. rows from several
-            ranks of an expert-parallel exchange, each group contiguous).
-        weight_grad_scale: factor on the weights' and biases' gradients, applied inside their
-            GEMMs (expert parallelism divides them by the group size this way); the input's
-            gradient is not scaled.
 
     Returns:
         ``[N, d_out]``: each expert's rows ``act(x_e W1_e + b1_e) W2_e + b2_e`` (gated:
@@ -423,26 +415,17 @@ def chunked_ffn(
     derivative comes from autograd on the saved pre-activations, so any activation works.
     """
     E = w1.shape[0]
-    if experts is None:
-        if len(counts) != E:
-            raise ValueError(f"counts has {len(counts)} groups, w1 has {E}")
-        group_experts = list(range(E))
-    else:
-        group_experts = [int(e) for e in experts]
-        if len(group_experts) != len(counts) or any(not 0 <= e < E for e in group_experts):
-            raise ValueError(
-                f"experts must give each of the {len(counts)} groups an expert id in [0, {E}), got {list(experts)}"
-            )
+    if len(counts) != E:
+        raise ValueError(f"counts has {len(counts)} groups, w1 has {E}")
     counts = [int(c) for c in counts]
     if sum(counts) != x.shape[0]:
         raise ValueError(f"counts sum to {sum(counts)}, x has {x.shape[0]} rows")
     tensors = (x, w1, w2, w_gate, b1, b2)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        groups = (counts, group_experts, float(weight_grad_scale))
-        out: Tensor = _ChunkedFFN.apply(x, w1, w2, w_gate, b1, b2, groups, act)
+        out: Tensor = _ChunkedFFN.apply(x, w1, w2, w_gate, b1, b2, counts, act)
         return out
     with torch.no_grad():
-        return _chunked_forward(x, w1, w2, w_gate, b1, b2, counts, group_experts, act, keep=None)
+        return _chunked_forward(x, w1, w2, w_gate, b1, b2, counts, act, keep=None)
 
 
 def _chunked_forward(
@@ -453,15 +436,13 @@ def _chunked_forward(
     b1: Tensor | None,
     b2: Tensor | None,
     counts: list[int],
-    experts: list[int],
     act: Callable[[Tensor], Tensor],
     keep: list[tuple[Tensor, Tensor | None]] | None,
 ) -> Tensor:
-    """The group loop (group ``g``: ``counts[g]`` rows of expert ``experts[g]``); ``keep`` collects each
-    non-empty group's pre-activations ``(x W1 + b1, x Wg)``."""
+    """The expert loop; ``keep`` collects each non-empty expert's pre-activations ``(x W1 + b1, x Wg)``."""
     out = x.new_empty(x.shape[0], w2.shape[-1])
     start = 0
-    for e, n in zip(experts, counts):
+    for e, n in enumerate(counts):
         if n == 0:
             continue
         xe, rows = x[start : start + n], out[start : start + n]
@@ -490,63 +471,38 @@ class _ChunkedFFN(torch.autograd.Function):
         w_gate: Tensor | None,
         b1: Tensor | None,
         b2: Tensor | None,
-        groups: tuple[list[int], list[int], float],
+        counts: list[int],
         act: Callable[[Tensor], Tensor],
     ) -> Tensor:
-        counts, experts, _ = groups
         keep: list[tuple[Tensor, Tensor | None]] = []
-        out = _chunked_forward(x, w1, w2, w_gate, b1, b2, counts, experts, act, keep)
+        out = _chunked_forward(x, w1, w2, w_gate, b1, b2, counts, act, keep)
         ctx.save_for_backward(x, w1, w2, w_gate, b1, b2)
-        ctx.groups, ctx.act, ctx.keep = groups, act, keep
+        ctx.counts, ctx.act, ctx.keep = counts, act, keep
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, w1, w2, w_gate, b1, b2 = ctx.saved_tensors
-        counts, experts, scale = ctx.groups
         needs = ctx.needs_input_grad
+        gx = torch.empty_like(x) if needs[0] else None
         # every expert with rows writes its whole slice below; only the idle experts' slices are zeroed
         # (a zero-fill of the [E, d, F] gradients was ~10% of a Switch layer's training step)
-        gx = torch.empty_like(x) if needs[0] else None
         gw1 = torch.empty_like(w1) if needs[1] else None
         gw2 = torch.empty_like(w2) if needs[2] else None
         gwg = torch.empty_like(w_gate) if w_gate is not None and needs[3] else None
         gb1 = torch.empty_like(b1) if b1 is not None and needs[4] else None
         gb2 = torch.empty_like(b2) if b2 is not None and needs[5] else None
-        busy = {e for e, n in zip(experts, counts) if n}
-        for e in range(w1.shape[0]):
-            if e not in busy:
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
                 for grad in (gw1, gw2, gwg, gb1, gb2):
                     if grad is not None:
                         grad[e].zero_()
-        written: set[int] = set()  # experts whose gradient slices hold a first group's share
-
-        def weight_grad(out: Tensor | None, a: Tensor, b: Tensor, first: bool) -> None:
-            if out is None:
-                return
-            if first and scale == 1.0:
-                torch.mm(a, b, out=out)
-            else:  # beta=0 ignores the slice's uninitialised values; alpha scales inside the GEMM
-                out.addmm_(a, b, beta=0.0 if first else 1.0, alpha=scale)
-
-        def bias_grad(out: Tensor | None, g: Tensor, first: bool) -> None:
-            if out is None:
-                return
-            if first:
-                torch.sum(g, 0, out=out)
-                if scale != 1.0:
-                    out.mul_(scale)
-            else:
-                out.add_(g.sum(0), alpha=scale)
-
         grad_out = grad_out.contiguous()
         pre = iter(ctx.keep)
         start = 0
-        for e, n in zip(experts, counts):
+        for e, n in enumerate(ctx.counts):
             if n == 0:
                 continue
-            first = e not in written
-            written.add(e)
             a, g = next(pre)
             xe, go = x[start : start + n], grad_out[start : start + n]
             with torch.enable_grad():
@@ -554,17 +510,21 @@ class _ChunkedFFN(torch.autograd.Function):
                 g_ = g.detach().requires_grad_() if g is not None else None
                 h_ = ctx.act(g_) * a_ if g_ is not None else ctx.act(a_)
             gh = go @ w2[e].T  # [n, F]
-            weight_grad(None if gw2 is None else gw2[e], h_.detach().T, go, first)
-            bias_grad(None if gb2 is None else gb2[e], go, first)
+            if gw2 is not None:
+                torch.mm(h_.detach().T, go, out=gw2[e])
+            if gb2 is not None:
+                torch.sum(go, 0, out=gb2[e])
             gg: Tensor | None = None
             if g_ is not None:
                 ga, gg = torch.autograd.grad(h_, [a_, g_], gh)
             else:
                 (ga,) = torch.autograd.grad(h_, [a_], gh)
-            weight_grad(None if gw1 is None else gw1[e], xe.T, ga, first)
-            bias_grad(None if gb1 is None else gb1[e], ga, first)
-            if gg is not None:
-                weight_grad(None if gwg is None else gwg[e], xe.T, gg, first)
+            if gw1 is not None:
+                torch.mm(xe.T, ga, out=gw1[e])
+            if gb1 is not None:
+                torch.sum(ga, 0, out=gb1[e])
+            if gwg is not None and gg is not None:
+                torch.mm(xe.T, gg, out=gwg[e])
             if gx is not None:
                 rows = gx[start : start + n]
                 torch.mm(ga, w1[e].T, out=rows)

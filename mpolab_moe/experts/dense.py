@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from mpolab.utils import check_positive_int
 
 from ..activations import Activation
-from .base import FFNBank, FFNWeights, chunked_ffn
+from .base import FFNBank, FFNWeights
 
 __all__ = ["DenseExperts"]
 
@@ -106,28 +105,3 @@ class DenseExperts(FFNBank):
                 bank.b2.copy_(ffn.b2 if ffn.b2 is not None else torch.zeros(d_out))
         bank.reconstruction_error = {name: 0.0 for name in ffn.matrices()}
         return bank
-
-    def forward_groups(
-        self, x: Tensor, counts: Sequence[int], experts: Sequence[int], *, weight_grad_scale: float = 1.0
-    ) -> Tensor:
-        """``x [N, d]`` in contiguous groups of any expert -> ``[N, d_out]``.
-
-        Args:
-            x: ``[N, d]``, group ``g`` being ``counts[g]`` rows for expert ``experts[g]`` (an expert may
-                own several groups: the rows an expert-parallel rank receives, grouped by source).
-            counts, experts: one entry per group.
-            weight_grad_scale: factor on every parameter's gradient, applied inside the GEMMs
-                (:func:`~mpolab_moe.experts.base.chunked_ffn`); the input's gradient is not scaled.
-        """
-        return chunked_ffn(
-            x,
-            counts,
-            self.w1,
-            self.w2,
-            self.act,
-            w_gate=self.w_gate,
-            b1=self.b1,
-            b2=self.b2,
-            experts=experts,
-            weight_grad_scale=weight_grad_scale,
-        )

@@ -323,28 +323,17 @@ class ExpertParallelBank(ExpertBank):
             send = [self.placement[r] * C for r in range(W)]
             recv = [El * C] * W
             seg_start = (torch.arange(W * El) * C).view(W, El)
-        local_counts = recv_counts.sum(0).tolist()
-        self.last_local_counts = local_counts
-        group = self.group
-        received = all_to_all(out_x, send, recv, group=group, name="dispatch", counter=self.counter)
-        if slot is None and self._takes_groups() and received.shape[0]:
-            # A bank that takes groups of any expert runs on the received rows as they are, grouped
-            # (source, local expert), and divides its weights' gradient by W inside its GEMMs: no row
-            # moves, no scaling pass.
-            scale = 1.0 / W if W > 1 and torch.is_grad_enabled() else 1.0
-            self.gradient_scaling = "weight GEMMs" if scale != 1.0 else None
-            groups = recv_counts.flatten().tolist()  # [W, El] row-major: (source, local expert)
-            experts = list(range(El)) * W
-            y_local = self.local.forward_groups(received, groups, experts, weight_grad_scale=scale)  # type: ignore[operator]
-            returned = all_to_all(y_local, recv, send, group=group, name="combine", counter=self.counter)
-            return returned, totals
         # the received rows are grouped (source, local expert); the local bank wants (local expert, source)
         lengths = recv_counts.t().flatten()
         begins = seg_start.t().flatten()
         offsets = lengths.cumsum(0) - lengths
         gather = (torch.repeat_interleave(begins - offsets, lengths) + torch.arange(int(lengths.sum()))).to(dev)
+        local_counts = recv_counts.sum(0).tolist()
+        self.last_local_counts = local_counts
         # one local expert and no padding: the received rows are already in the local bank's order
         identity = El == 1 and slot is None
+        group = self.group
+        received = all_to_all(out_x, send, recv, group=group, name="dispatch", counter=self.counter)
         # The experts' gradient is divided by the group size on the rows' side or the parameters' (module
         # doc). Rows' side: the gradient entering the local bank / W, leaving it * W, folded into the moves.
         side = self._gradient_side(0 if not identity else sum(local_counts))  # moved rows: scaled for free
@@ -372,11 +361,6 @@ class ExpertParallelBank(ExpertBank):
         returned = all_to_all(back, recv, send, group=group, name="combine", counter=self.counter)
         y = returned if slot is None else take_rows(returned, slot, slot_pad)
         return y, totals
-
-    def _takes_groups(self) -> bool:
-        """Whether the local bank runs on rows grouped (source, expert) with its weights' gradient scaled
-        in its GEMMs (``forward_groups``; dense experts), and the scaling is left to the bank."""
-        return self.scale_gradients_on == "auto" and callable(getattr(self.local, "forward_groups", None))
 
     def _gradient_side(self, num_rows: int) -> str | None:
         """Where this forward divides the experts' gradient by the group size: ``"rows"``, ``"parameters"``,
