@@ -1,31 +1,17 @@
 """Dense experts run expert by expert through the activation (chunked_ffn): same values and gradients."""
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mpolab_moe.experts.base import chunked_ffn, grouped_ffn, grouped_matmul
+from tests._memory import nan_filled_empty
 
 
 def _layerwise(x, counts, w1, w2, act, w_gate=None, b1=None, b2=None):
     h = grouped_matmul(x, w1, counts, b1)
     h = act(grouped_matmul(x, w_gate, counts)) * h if w_gate is not None else act(h)
     return grouped_matmul(h, w2, counts, b2)
-
-
-@contextlib.contextmanager
-def _nan_filled_empty():
-    """``torch.empty`` returns NaN-filled memory inside the block (deterministic mode's option)."""
-    was, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -51,7 +37,7 @@ def test_chunked_ffn_matches_the_layerwise_reference(gated, bias):
     leaves = [x, *(p for p in params.values() if p is not None)]
     # the backward allocates its gradients uninitialised: deterministic mode fills such memory with
     # NaN, so an expert slice left unwritten (the empty expert's) would show
-    with _nan_filled_empty():
+    with nan_filled_empty():
         g_ours = torch.autograd.grad(ours.square().sum(), leaves)
     g_ref = torch.autograd.grad(ref.square().sum(), leaves)
     for a, b in zip(g_ours, g_ref):

@@ -54,6 +54,7 @@ from mpolab_moe.parallel.memory import memory_per_rank, memory_table
 from mpolab_moe.split import random_split
 
 from ._dist import DistributedTestError, run_distributed
+from ._memory import nan_filled_empty
 
 D, F, T = 16, 32, 12  # width, expert hidden width, tokens per rank
 ATOL, RTOL = 2e-5, 1e-4
@@ -443,10 +444,7 @@ def test_take_and_place_rows_match_index_select_and_index_copy_with_zero_padding
     pad = unused_rows(index, 8)
     assert pad is not None and pad.tolist() == [1, 2, 4, 7]
     assert unused_rows(torch.randperm(8), 8) is None  # a permutation leaves nothing out
-    was = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)  # torch.empty is NaN-filled: an unwritten row would show
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
+    with nan_filled_empty():  # an unwritten row would show as NaN
         x = torch.randn(4, 3, requires_grad=True)
         placed = place_rows(x, index, pad, 8)
         want = torch.zeros(8, 3).index_copy(0, index, x)
@@ -457,9 +455,6 @@ def test_take_and_place_rows_match_index_select_and_index_copy_with_zero_padding
         g_placed, g_taken = torch.randn(8, 3), torch.randn(4, 3)
         (gx,) = torch.autograd.grad(placed, x, g_placed)
         (gy,) = torch.autograd.grad(taken, y, g_taken)
-    finally:
-        torch.use_deterministic_algorithms(False)
-        torch.utils.deterministic.fill_uninitialized_memory = was
     torch.testing.assert_close(gx, g_placed.index_select(0, index))
     torch.testing.assert_close(gy, torch.zeros(8, 3).index_copy(0, index, g_taken))  # padding rows: 0
     # the gradient scaling folded into the moves (expert parallelism divides the experts' gradient there)
