@@ -40,14 +40,17 @@ from mpolab.step_weight import flush_pending
 
 from .experts.mpo import MPOExperts
 
-__all__ = ["GradientMask"]
+__all__ = ["GradientMask", "broadcast_seed"]
 
 
-def _first_ranks_value(value: int, group: Any) -> int:
-    """``value`` as the first rank of ``group`` has it (a broadcast; every rank of the group calls it)."""
+def broadcast_seed(group: Any = None) -> int:
+    """A seed drawn from torch's global RNG on the first rank of ``group``, the same on every rank.
+
+    A collective (a broadcast): every rank of ``group`` (``None``: the default group) must call it.
+    """
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    shared = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
+    shared = torch.randint(2**62, (1,), dtype=torch.int64).to(device)
+    dist.broadcast(shared, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     return int(shared.item())
 
 
@@ -107,9 +110,7 @@ class GradientMask:
         self.p_b = float(p_b)
         self.replica_group = replica_group
         if seed is None:
-            seed = int(torch.randint(2**62, ()).item())
-            if replica_group is not None:
-                seed = _first_ranks_value(seed, replica_group)
+            seed = int(torch.randint(2**62, ()).item()) if replica_group is None else broadcast_seed(replica_group)
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
         self.last_masked = False

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..gates.base import BankBoundGate
-from ..grad_mask import GradientMask
+from ..grad_mask import GradientMask, broadcast_seed
 from ..layer import MoE, moe_layers
 from .bank import ExpertParallelBank, collective_device
 from .collectives import (
@@ -314,10 +314,8 @@ def distributed_gradient_mask(
     """
     require_initialized("distributed_gradient_mask")
     if seed is None:
-        shared = torch.randint(2**62, (1,), dtype=torch.int64).to(collective_device(group))
         with named_collective("broadcast of the gradient mask's seed", group):
-            dist.broadcast(shared, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-        seed = int(shared.item())
+            seed = broadcast_seed(group)
     elif isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     _agree([("seed", seed), ("p_b", zlib.crc32(repr(float(p_b)).encode()))], group, "gradient mask")
