@@ -25,10 +25,16 @@ accumulation works. Under :func:`mpolab.materialize` the banks' core gradients w
 materialised weights until the step; :meth:`GradientMask.apply` flushes them first
 (:func:`mpolab.step_weight.flush_pending`), so the order in which the mask and the materializer
 were attached to the optimiser does not matter.
+
+The mask holds its banks and its optimizer by weak reference (their hooks hold the mask): no
+reference cycle, so the mask, and the process group it may hold, go when the model and the
+optimizer go, not at some later garbage collection. (A gloo group still alive when the
+interpreter finalises can abort the process at exit.)
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -106,7 +112,7 @@ class GradientMask:
                 "replica_group was given but torch.distributed is not initialised; call "
                 "torch.distributed.init_process_group() first, or pass replica_group=None in one process"
             )
-        self.banks = banks
+        self._bank_refs = [weakref.ref(bank) for bank in banks]
         self.p_b = float(p_b)
         self.replica_group = replica_group
         if seed is None:
@@ -118,8 +124,24 @@ class GradientMask:
         self.num_masked = 0
         self._routed = {id(b): torch.zeros(b.num_experts, dtype=torch.bool) for b in banks}
         self._saved: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer_ref: weakref.ref[torch.optim.Optimizer] | None = None
         self._handles = [b.register_forward_pre_hook(self._record) for b in banks]
+
+    @property
+    def banks(self) -> list[MPOExperts]:
+        """The :class:`MPOExperts` banks this mask acts on.
+
+        Raises:
+            RuntimeError: a bank was freed (the model is gone while the mask lives on).
+        """
+        banks = [ref() for ref in self._bank_refs]
+        if any(bank is None for bank in banks):
+            raise RuntimeError("GradientMask: its MPOExperts banks were freed; build a new mask for the new model")
+        return banks  # type: ignore[return-value]
+
+    @property
+    def _optimizer(self) -> torch.optim.Optimizer | None:
+        return None if self._optimizer_ref is None else self._optimizer_ref()
 
     # ------------------------------------------------------------------ routing record
     def _record(self, bank: nn.Module, args: tuple[Any, ...]) -> None:
@@ -141,7 +163,7 @@ class GradientMask:
                 would clear their gradients while this optimizer never steps them).
         """
         self.check_optimizer(optimizer)
-        self._optimizer = optimizer
+        self._optimizer_ref = weakref.ref(optimizer)
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         self._handles.append(optimizer.register_step_post_hook(self._post_step))
         return self

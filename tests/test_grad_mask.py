@@ -151,3 +151,31 @@ def test_replica_group_needs_an_initialised_process_group():
     model, _ = make_model()
     with pytest.raises(ValueError, match="replica_group was given but torch.distributed is not initialised"):
         GradientMask(model, replica_group=object())
+
+
+def test_the_mask_lives_and_dies_with_its_model_and_optimizer_without_a_reference_cycle():
+    """Hooks hold the mask, the mask holds banks and optimizer weakly: freed by reference counting.
+
+    (A cycle would keep the mask, and a process group it holds, until some later garbage
+    collection, possibly at interpreter exit, where a live gloo group can abort the process.)
+    """
+    import gc
+    import weakref
+
+    model, bank = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mask = weakref.ref(GradientMask(model, p_b=1.0, seed=0).attach(optimizer))
+    train_step(model, optimizer)  # the hooks keep an unnamed mask working
+    assert mask() is not None and mask().num_masked == 1 and mask().banks == [bank]
+    gc.disable()
+    try:
+        del model, bank, optimizer
+        assert mask() is None, "the mask outlived its model and optimizer: a reference cycle holds it"
+    finally:
+        gc.enable()
+
+    model, bank = make_model()
+    kept = GradientMask(model, p_b=1.0, seed=0)
+    del model, bank
+    with pytest.raises(RuntimeError, match="banks were freed"):
+        _ = kept.banks
