@@ -27,9 +27,10 @@ materialised weights until the step; :meth:`GradientMask.apply` flushes them fir
 were attached to the optimiser does not matter.
 
 The mask holds its banks and its optimizer by weak reference (their hooks hold the mask): no
-reference cycle, so the mask, and the process group it may hold, go when the model and the
-optimizer go, not at some later garbage collection. (A gloo group still alive when the
-interpreter finalises can abort the process at exit.)
+reference cycle, so the mask goes when the model and the optimizer go, not at some later garbage
+collection; and it holds its ``replica_group`` by name (:class:`~mpolab_moe.parallel.GroupRef`),
+so a model kept to the end of a script does not keep a destroyed group alive either (a gloo
+group still alive when the interpreter finalises can abort the process at exit).
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ class GradientMask:
             )
         self._bank_refs = [weakref.ref(bank) for bank in banks]
         self.p_b = float(p_b)
-        self.replica_group = replica_group
+        from .parallel.collectives import GroupRef  # here: the parallel package imports this module
+
+        # by name, looked up on use: neither the mask nor the model holding its hooks keeps the group alive
+        self._replica = None if replica_group is None else GroupRef(replica_group)
         if seed is None:
             seed = int(torch.randint(2**62, ()).item()) if replica_group is None else broadcast_seed(replica_group)
         self.generator = torch.Generator()
@@ -138,6 +142,11 @@ class GradientMask:
         if any(bank is None for bank in banks):
             raise RuntimeError("GradientMask: its MPOExperts banks were freed; build a new mask for the new model")
         return banks  # type: ignore[return-value]
+
+    @property
+    def replica_group(self) -> Any:
+        """The process group the banks are replicated over, or ``None`` (no communication)."""
+        return None if self._replica is None else self._replica.get()
 
     @property
     def _optimizer(self) -> torch.optim.Optimizer | None:
@@ -236,12 +245,13 @@ class GradientMask:
 
     def _reduce_routed(self) -> None:
         """OR the routed-expert records over :attr:`replica_group` (one all-reduce for all banks)."""
-        if self.replica_group is None:
+        group = self.replica_group
+        if group is None:
             return
         records = list(self._routed.values())
         device = next(self.banks[0].central_parameters()).device
         flags = torch.cat(records).to(device=device, dtype=torch.uint8)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.replica_group)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         for record, reduced in zip(records, flags.cpu().bool().split([r.numel() for r in records])):
             record.copy_(reduced)
 
