@@ -462,3 +462,10 @@ def test_take_and_place_rows_match_index_select_and_index_copy_with_zero_padding
     (gy2,) = torch.autograd.grad(take_rows(y, index, pad, grad_scale=2.0), y, g_taken)
     torch.testing.assert_close(gx2, gx * 0.5)
     torch.testing.assert_close(gy2, gy * 2.0)
+    # no rows at all (a rank that received nothing): all padding, and an empty gradient back
+    empty = torch.zeros(0, 3, requires_grad=True)
+    nothing = torch.zeros(0, dtype=torch.int64)
+    all_pad = place_rows(empty, nothing, unused_rows(nothing, 4), 4)
+    assert torch.equal(all_pad, torch.zeros(4, 3))
+    (g_empty,) = torch.autograd.grad(all_pad, empty, torch.randn(4, 3))
+    assert g_empty.shape == (0, 3)
