@@ -16,7 +16,8 @@ For each layer (dense experts top-1 and top-2, top-2 with a GShard capacity, MPO
 
   - *local*: the rank's own work with no exchange: its gate on its tokens, and a one-process
     ``MoE`` over its local experts given exactly the rows each received in the expert-parallel
-    step (its own sort and scatter included);
+    step (its own sort and scatter included, and the gradient of combine weights, as a real
+    gate's);
   - *EP*: the expert-parallel layer;
   - *raw in place*: the local work with the layer's collectives (the gate's statistics
     all-reduce, the routing-table all-gather, the four all-to-alls) replayed raw with the same
@@ -80,15 +81,20 @@ def build(layer: Layer, d: int, f: int, experts: int) -> MoE:
 
 
 class FixedRouting(Gate):
-    """Sends row ``i`` of its input to a fixed expert: ``counts[e]`` consecutive rows to expert ``e``."""
+    """Sends row ``i`` of its input to a fixed expert: ``counts[e]`` consecutive rows to expert ``e``.
+
+    Its combine weights (all 1) need a gradient, as a real gate's do: the layer's backward then
+    computes their gradient (a ``[rows, d]`` product), as it does in the expert-parallel step.
+    """
 
     def __init__(self, d: int, counts: list[int]) -> None:
         super().__init__()
         self.d_model, self.num_experts = d, len(counts)
         self.register_buffer("index", torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))[:, None])
+        self.weight = torch.nn.Parameter(torch.ones(self.index.shape))
 
     def forward(self, x: torch.Tensor) -> Routing:
-        return Routing(self.index, torch.ones(self.index.shape, dtype=x.dtype), self.num_experts)
+        return Routing(self.index, self.weight.to(x.dtype), self.num_experts)
 
 
 def step(moe: MoE, x: torch.Tensor) -> None:
