@@ -44,3 +44,65 @@ def test_chunked_ffn_matches_the_layerwise_reference(gated, bias):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="counts has 3 groups, w1 has 4"):
         chunked_ffn(x, [3, 5, 2], params["w1"], params["w2"], act)
+
+
+class _Grouped:
+    """A stacked weight behind the GroupedLinear interface: sends grouped_ffn down its layer-wise path."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def __call__(self, x, counts, bias=None):
+        return grouped_matmul(x, self.w, counts, bias)
+
+
+@pytest.mark.parametrize("path", ["chunked", "layerwise"])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("moves", ["runs", "ids"])
+def test_rows_in_any_order_with_padding_and_a_weight_gradient_factor(path, gated, moves, monkeypatch):
+    """order= reads each expert's rows where they are and writes its outputs back there (padding rows 0);
+    weight_grad_scale= multiplies the parameters' gradients, not the input's."""
+    from mpolab_moe.experts import base
+
+    torch.manual_seed(0)
+    E, d, Fd, counts = 3, 8, 16, [4, 0, 3]
+    M = 10  # rows of x; 7 of them are listed in order, 3 are padding
+    # sorted row i lives in x[order[i]]: expert 0 in two runs (7..8 and 2..3, as from two source
+    # ranks), expert 2 in one (4..6, computed straight into its rows)
+    order = torch.tensor([7, 8, 2, 3, 4, 5, 6])
+    padding = torch.tensor([0, 1, 9])
+    if moves == "ids":  # every row moved by its id (scattered rows, or not on the CPU)
+        monkeypatch.setattr(base._Layout, "MAX_RUNS_PER_EXPERT", 0)
+    layout = base._Layout(counts, order, M, 1.0)
+    assert layout.where[0] == [(7, 2), (2, 2)] if moves == "runs" else isinstance(layout.where[0], torch.Tensor)
+    x = torch.randn(M, d, requires_grad=True)
+    params = {
+        "w1": torch.randn(E, d, Fd, requires_grad=True),
+        "w2": torch.randn(E, Fd, d, requires_grad=True),
+        "w_gate": torch.randn(E, d, Fd, requires_grad=True) if gated else None,
+        "b1": torch.randn(E, Fd, requires_grad=True),
+        "b2": torch.randn(E, d, requires_grad=True),
+    }
+    act = F.silu if gated else F.relu
+    if path == "layerwise":  # GroupedLinear weights: the gather / place fallback
+        weights = {k: (_Grouped(v) if k in ("w1", "w2", "w_gate") and v is not None else v) for k, v in params.items()}
+    else:
+        weights = params
+    leaves = [x, *(p for p in params.values() if p is not None)]
+    probe = torch.randn(M, d)
+    with nan_filled_empty():  # an unwritten row or slice would show as NaN
+        ours = grouped_ffn(x, counts, act=act, order=order, weight_grad_scale=0.25, **weights)
+        g_ours = torch.autograd.grad((ours * probe).sum(), leaves)
+    sorted_ref = _layerwise(x[order], counts, act=act, **params)
+    ref = torch.zeros(M, d).index_copy(0, order, sorted_ref)
+    torch.testing.assert_close(ours, ref)
+    assert torch.equal(ours[padding], torch.zeros(3, d))
+    g_ref = torch.autograd.grad((ref * probe).sum(), leaves)
+    torch.testing.assert_close(g_ours[0], g_ref[0])  # the input's gradient: not scaled
+    assert torch.equal(g_ours[0][padding], torch.zeros(3, d))
+    for a, b in zip(g_ours[1:], g_ref[1:]):
+        torch.testing.assert_close(a, 0.25 * b)
+    with pytest.raises(ValueError, match="order must be a 1-D int64"):
+        chunked_ffn(x, counts, params["w1"], params["w2"], act, order=order.to(torch.int32))
+    with pytest.raises(ValueError, match="order lists 7 rows"):
+        chunked_ffn(x, [4, 0, 4], params["w1"], params["w2"], act, order=order)

@@ -150,6 +150,8 @@ def _run_case(case: Case, rank: int, world: int) -> str | None:
     bank = ep.experts
     assert isinstance(bank, ExpertParallelBank)
     bank.scale_gradients_on = case.scale_on
+    # FFN banks read the received rows where they arrived; the others take them regrouped
+    assert bank.takes_order == (case.bank in ("dense", "mpo", "sliced")), (case, bank.takes_order)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
     opt_ep = torch.optim.Adam(ep.parameters(), lr=1e-2)
     if case.mask:
@@ -437,7 +439,7 @@ def test_harness_kills_a_group_that_runs_past_its_timeout() -> None:
 
 def test_take_and_place_rows_match_index_select_and_index_copy_with_zero_padding() -> None:
     """The exchange's row moves: values and gradients as torch's own ops, padding rows exactly 0."""
-    from mpolab_moe.parallel.bank import place_rows, take_rows, unused_rows
+    from mpolab_moe.rows import place_rows, take_rows, unused_rows
 
     torch.manual_seed(0)
     index = torch.tensor([5, 0, 3, 6])  # 4 of 8 rows; rows 1, 2, 4, 7 are padding

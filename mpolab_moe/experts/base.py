@@ -22,10 +22,10 @@ Declaring a capability without its methods is a ``TypeError`` when the class is 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from mpolab.utils import check_positive_int
 
 from ..activations import ACTIVATIONS, Activation, activation_name, get_activation
+from ..rows import place_rows, scale_gradient, take_rows, unused_rows
 
 __all__ = [
     "BankOutput",
@@ -361,30 +362,56 @@ def grouped_ffn(
     w_gate: Tensor | GroupedLinear | None = None,
     b1: Tensor | None = None,
     b2: Tensor | None = None,
+    order: Tensor | None = None,
+    weight_grad_scale: float = 1.0,
 ) -> Tensor:
     """``E`` FFNs on rows grouped by expert: ``act(x W1_e + b1_e) W2_e + b2_e``.
 
     Gated: ``(act(x Wg_e) * (x W1_e + b1_e)) W2_e + b2_e``.
 
     Args:
-        x: ``[N, d]`` sorted by expert; counts: ``E`` group sizes.
+        x: ``[N, d]`` sorted by expert; with ``order``, ``[M, d]`` in any order.
+        counts: ``E`` group sizes.
         w1, w_gate: ``[E, d, F]`` stacked input-major weights, or a :class:`GroupedLinear`.
         w2: ``[E, F, d_out]`` or a :class:`GroupedLinear`.
         b1: ``[E, F]``; b2: ``[E, d_out]``.
+        order: ``[N]`` distinct row ids of ``x``: the rows sorted by expert are ``x[order]``;
+            rows of ``x`` it leaves out get zero output and zero gradient (see :func:`chunked_ffn`).
+        weight_grad_scale: factor on the gradients of the weights and biases (not of ``x``).
 
     Returns:
-        ``[N, d_out]``.
+        ``[N, d_out]`` (with ``order``: ``[M, d_out]``, row ``order[i]`` for sorted row ``i``).
 
     Stacked weights (dense experts) on the per-group path run expert by expert through the
     activation (:func:`chunked_ffn`): no ``[N, F]`` hidden tensor is concatenated and split again,
     and the activation runs on per-expert chunks; grouped linear maps go layer by layer.
     """
     weights = (w1, w2) if w_gate is None else (w1, w2, w_gate)
-    if all(isinstance(w, Tensor) for w in weights) and x.shape[0] and not use_padded_bmm(x, counts):
-        return chunked_ffn(x, counts, w1, w2, act, w_gate=w_gate, b1=b1, b2=b2)  # type: ignore[arg-type]
-    h = _linear(w1, x, counts, b1)
-    h = act(_linear(w_gate, x, counts, None)) * h if w_gate is not None else act(h)
-    return _linear(w2, h, counts, b2)
+    num_rows = x.shape[0] if order is None else order.numel()
+    if all(isinstance(w, Tensor) for w in weights) and num_rows and not use_padded_bmm(x[:num_rows], counts):
+        return chunked_ffn(
+            x,
+            counts,
+            cast(Tensor, w1),
+            cast(Tensor, w2),
+            act,
+            w_gate=cast("Tensor | None", w_gate),
+            b1=b1,
+            b2=b2,
+            order=order,
+            weight_grad_scale=weight_grad_scale,
+        )
+    pad = None if order is None else unused_rows(order, x.shape[0])
+    rows = x if order is None else take_rows(x, order, pad)
+    # the factor on the parameters' gradients, carried by the rows: / s on the way in, * s on the way out
+    if weight_grad_scale != 1.0:
+        rows = scale_gradient(rows, 1.0 / weight_grad_scale)
+    h = _linear(w1, rows, counts, b1)
+    h = act(_linear(w_gate, rows, counts, None)) * h if w_gate is not None else act(h)
+    out = _linear(w2, h, counts, b2)
+    if weight_grad_scale != 1.0:
+        out = scale_gradient(out, weight_grad_scale)
+    return out if order is None else place_rows(out, order, pad, x.shape[0])
 
 
 def chunked_ffn(
@@ -397,16 +424,28 @@ def chunked_ffn(
     w_gate: Tensor | None = None,
     b1: Tensor | None = None,
     b2: Tensor | None = None,
+    order: Tensor | None = None,
+    weight_grad_scale: float = 1.0,
 ) -> Tensor:
     """:func:`grouped_ffn` for stacked weights, one expert at a time from input to output.
 
     Args:
-        x: ``[N, d]`` sorted by expert; counts: ``E`` group sizes summing to ``N``.
+        x: ``[N, d]`` sorted by expert; with ``order``, ``[M, d]`` in any order.
+        counts: ``E`` group sizes summing to ``N``.
         w1, w_gate: ``[E, d, F]``; w2: ``[E, F, d_out]``; b1: ``[E, F]``; b2: ``[E, d_out]``.
+        order: ``[N]`` distinct row ids of ``x``; the rows sorted by expert are ``x[order]``.
+            Each expert reads its rows where they are (a slice per run of consecutive ids, or a
+            gather by id) and writes its output rows back to the same places, so rows that
+            arrive in another order (an expert-parallel exchange delivers them grouped by source
+            rank) need no sorted copy of ``[N, d]`` and no unsorting one; rows ``order`` leaves
+            out (padding) get zero output and zero gradient.
+        weight_grad_scale: factor on the gradients of the weights and biases, applied inside
+            their GEMMs (expert parallelism divides them by the group size this way); the
+            gradient of ``x`` is not scaled.
 
     Returns:
-        ``[N, d_out]``: each expert's rows ``act(x_e W1_e + b1_e) W2_e + b2_e`` (gated:
-        ``(act(x_e Wg_e) * (x_e W1_e + b1_e)) W2_e + b2_e``).
+        ``[N, d_out]`` (with ``order``: ``[M, d_out]``): each expert's rows
+        ``act(x_e W1_e + b1_e) W2_e + b2_e`` (gated: ``(act(x_e Wg_e) * (x_e W1_e + b1_e)) W2_e + b2_e``).
 
     Each expert's output is written straight into its rows of one ``[N, d_out]`` tensor (no
     concatenation); the activation runs on per-expert chunks. With gradients, a custom backward
@@ -418,14 +457,115 @@ def chunked_ffn(
     if len(counts) != E:
         raise ValueError(f"counts has {len(counts)} groups, w1 has {E}")
     counts = [int(c) for c in counts]
-    if sum(counts) != x.shape[0]:
-        raise ValueError(f"counts sum to {sum(counts)}, x has {x.shape[0]} rows")
+    num_rows = x.shape[0] if order is None else order.numel()
+    if order is not None and (order.ndim != 1 or order.dtype != torch.int64 or num_rows > x.shape[0]):
+        raise ValueError(
+            f"order must be a 1-D int64 tensor of at most {x.shape[0]} row ids, got {order.dtype} {tuple(order.shape)}"
+        )
+    if sum(counts) != num_rows:
+        where = "order lists" if order is not None else "x has"
+        raise ValueError(f"counts sum to {sum(counts)}, {where} {num_rows} rows")
+    layout = _Layout(counts, order, x.shape[0], float(weight_grad_scale))
     tensors = (x, w1, w2, w_gate, b1, b2)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        out: Tensor = _ChunkedFFN.apply(x, w1, w2, w_gate, b1, b2, counts, act)
+        out: Tensor = _ChunkedFFN.apply(x, w1, w2, w_gate, b1, b2, layout, act)
         return out
     with torch.no_grad():
-        return _chunked_forward(x, w1, w2, w_gate, b1, b2, counts, act, keep=None)
+        return _chunked_forward(x, w1, w2, w_gate, b1, b2, layout, act, keep=None)
+
+
+#: Where one expert's rows are in ``x``: contiguous ``(begin, length)`` pieces, or row ids.
+_Where = list[tuple[int, int]] | Tensor
+
+
+class _Layout:
+    """Where each expert's rows are in ``x``: ``counts`` consecutive rows, or rows ``x[order]``.
+
+    An ``order`` on the CPU made of long runs of consecutive ids (an expert-parallel exchange
+    delivers each expert's rows as one run per source rank) is cut into those runs: an expert
+    reads and writes its rows by slices (a view when it has one run), not by gathering and
+    scattering ids (``index_copy_`` is ~3x slower than a slice copy on the CPU).
+    """
+
+    #: at most this many runs per expert on average, else the rows are moved by ids
+    MAX_RUNS_PER_EXPERT = 4
+
+    def __init__(self, counts: list[int], order: Tensor | None, size: int, weight_grad_scale: float) -> None:
+        self.counts, self.order, self.size, self.weight_grad_scale = counts, order, size, weight_grad_scale
+        starts = [sum(counts[:e]) for e in range(len(counts))]
+        self.where: list[_Where] = []
+        runs = None if order is None else self._runs(order, starts)
+        for e, (begin, n) in enumerate(zip(starts, counts)):
+            if order is None:
+                self.where.append([(begin, n)])
+            elif runs is not None:
+                self.where.append(runs[e])
+            else:
+                self.where.append(order[begin : begin + n])
+        # padding rows (not in ``order``): zero in the output and in the input's gradient
+        self.pad = None
+        if order is not None and order.numel() < size:
+            free = torch.ones(size, dtype=torch.bool, device=order.device)
+            free[order] = False
+            self.pad = free.nonzero().squeeze(1)
+
+    def _runs(self, order: Tensor, starts: list[int]) -> list[list[tuple[int, int]]] | None:
+        """Each expert's rows as ``(begin, length)`` runs of ``x``, or ``None`` (not on the CPU, too many runs)."""
+        n = order.numel()
+        if order.device.type != "cpu" or n == 0:
+            return None
+        breaks = (torch.nonzero(order[1:] - order[:-1] != 1).squeeze(1) + 1).tolist()
+        if len(breaks) > self.MAX_RUNS_PER_EXPERT * len(self.counts):
+            return None
+        cuts = sorted({0, *breaks, *(b for b in starts if 0 < b < n)})
+        first = order[cuts].tolist()  # the row of x where each piece begins
+        ends = [*cuts[1:], n]
+        runs: list[list[tuple[int, int]]] = [[] for _ in self.counts]
+        e = 0
+        for cut, row, end in zip(cuts, first, ends):
+            while e + 1 < len(starts) and cut >= starts[e + 1]:
+                e += 1
+            runs[e].append((row, end - cut))
+        return runs
+
+    def groups(self) -> Iterator[tuple[int, _Where]]:
+        """``(expert, where)`` of every expert with rows."""
+        for e, n in enumerate(self.counts):
+            if n:
+                yield e, self.where[e]
+
+    @staticmethod
+    def take(t: Tensor, where: _Where) -> Tensor:
+        """An expert's rows of ``t``: a view (one run), a concatenation of runs, or a gather by ids."""
+        if isinstance(where, Tensor):
+            return t.index_select(0, where)
+        if len(where) == 1:
+            begin, n = where[0]
+            return t[begin : begin + n]
+        return torch.cat([t[begin : begin + n] for begin, n in where])
+
+    @staticmethod
+    def target(out: Tensor, where: _Where) -> Tensor | None:
+        """The rows of ``out`` to compute an expert's result into, when they are one run (else ``None``)."""
+        if isinstance(where, Tensor) or len(where) != 1:
+            return None
+        begin, n = where[0]
+        return out[begin : begin + n]
+
+    @staticmethod
+    def put(out: Tensor, where: _Where, rows: Tensor) -> None:
+        """Write an expert's ``rows`` to its rows of ``out`` (nothing to do when computed in place)."""
+        if isinstance(where, Tensor):
+            out.index_copy_(0, where, rows)
+        elif len(where) > 1:
+            offset = 0
+            for begin, n in where:
+                out[begin : begin + n].copy_(rows[offset : offset + n])
+                offset += n
+
+    def zero_padding(self, out: Tensor) -> None:
+        if self.pad is not None and self.pad.numel():
+            out.index_fill_(0, self.pad, 0)
 
 
 def _chunked_forward(
@@ -435,27 +575,26 @@ def _chunked_forward(
     w_gate: Tensor | None,
     b1: Tensor | None,
     b2: Tensor | None,
-    counts: list[int],
+    layout: _Layout,
     act: Callable[[Tensor], Tensor],
-    keep: list[tuple[Tensor, Tensor | None]] | None,
+    keep: list[tuple[Tensor, Tensor, Tensor | None]] | None,
 ) -> Tensor:
-    """The expert loop; ``keep`` collects each non-empty expert's pre-activations ``(x W1 + b1, x Wg)``."""
-    out = x.new_empty(x.shape[0], w2.shape[-1])
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        xe, rows = x[start : start + n], out[start : start + n]
+    """The expert loop; ``keep`` collects each expert's input rows and pre-activations ``(x_e, x W1 + b1, x Wg)``."""
+    out = x.new_empty(layout.size, w2.shape[-1])
+    for e, where in layout.groups():
+        xe = layout.take(x, where)
         a = torch.addmm(b1[e], xe, w1[e]) if b1 is not None else xe @ w1[e]
         g = xe @ w_gate[e] if w_gate is not None else None
         h = act(g) * a if g is not None else act(a)
+        rows = layout.target(out, where)
         if b2 is not None:
-            torch.addmm(b2[e], h, w2[e], out=rows)
+            rows = torch.addmm(b2[e], h, w2[e], out=rows) if rows is not None else torch.addmm(b2[e], h, w2[e])
         else:
-            torch.mm(h, w2[e], out=rows)
+            rows = torch.mm(h, w2[e], out=rows) if rows is not None else torch.mm(h, w2[e])
+        layout.put(out, where, rows)
         if keep is not None:
-            keep.append((a, g))
-        start += n
+            keep.append((xe, a, g))
+    layout.zero_padding(out)
     return out
 
 
@@ -471,20 +610,25 @@ class _ChunkedFFN(torch.autograd.Function):
         w_gate: Tensor | None,
         b1: Tensor | None,
         b2: Tensor | None,
-        counts: list[int],
+        layout: _Layout,
         act: Callable[[Tensor], Tensor],
     ) -> Tensor:
-        keep: list[tuple[Tensor, Tensor | None]] = []
-        out = _chunked_forward(x, w1, w2, w_gate, b1, b2, counts, act, keep)
-        ctx.save_for_backward(x, w1, w2, w_gate, b1, b2)
-        ctx.counts, ctx.act, ctx.keep = counts, act, keep
+        keep: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        out = _chunked_forward(x, w1, w2, w_gate, b1, b2, layout, act, keep)
+        # each expert's input rows are kept (views of x, or its gathered rows), not x itself
+        ctx.save_for_backward(w1, w2, w_gate, b1, b2)
+        ctx.x_meta = (x.shape, x.dtype, x.device)
+        ctx.layout, ctx.act, ctx.keep = layout, act, keep
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, w1, w2, w_gate, b1, b2 = ctx.saved_tensors
+        w1, w2, w_gate, b1, b2 = ctx.saved_tensors
+        layout: _Layout = ctx.layout
+        scale = layout.weight_grad_scale
         needs = ctx.needs_input_grad
-        gx = torch.empty_like(x) if needs[0] else None
+        shape, dtype, device = ctx.x_meta
+        gx = torch.empty(shape, dtype=dtype, device=device) if needs[0] else None
         # every expert with rows writes its whole slice below; only the idle experts' slices are zeroed
         # (a zero-fill of the [E, d, F] gradients was ~10% of a Switch layer's training step)
         gw1 = torch.empty_like(w1) if needs[1] else None
@@ -492,47 +636,55 @@ class _ChunkedFFN(torch.autograd.Function):
         gwg = torch.empty_like(w_gate) if w_gate is not None and needs[3] else None
         gb1 = torch.empty_like(b1) if b1 is not None and needs[4] else None
         gb2 = torch.empty_like(b2) if b2 is not None and needs[5] else None
-        for e, n in enumerate(ctx.counts):
+        for e, n in enumerate(layout.counts):
             if n == 0:
                 for grad in (gw1, gw2, gwg, gb1, gb2):
                     if grad is not None:
                         grad[e].zero_()
+
+        def weight_grad(out: Tensor | None, a: Tensor, b: Tensor) -> None:
+            if out is None:
+                return
+            if scale == 1.0:
+                torch.mm(a, b, out=out)
+            else:  # beta=0 ignores the slice's uninitialised values; alpha scales inside the GEMM
+                out.addmm_(a, b, beta=0.0, alpha=scale)
+
+        def bias_grad(out: Tensor | None, g: Tensor) -> None:
+            if out is not None:
+                torch.sum(g, 0, out=out)
+                if scale != 1.0:
+                    out.mul_(scale)
+
         grad_out = grad_out.contiguous()
         pre = iter(ctx.keep)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n == 0:
-                continue
-            a, g = next(pre)
-            xe, go = x[start : start + n], grad_out[start : start + n]
+        for e, where in layout.groups():
+            xe, a, g = next(pre)
+            go = layout.take(grad_out, where)
             with torch.enable_grad():
                 a_ = a.detach().requires_grad_()
                 g_ = g.detach().requires_grad_() if g is not None else None
                 h_ = ctx.act(g_) * a_ if g_ is not None else ctx.act(a_)
             gh = go @ w2[e].T  # [n, F]
-            if gw2 is not None:
-                torch.mm(h_.detach().T, go, out=gw2[e])
-            if gb2 is not None:
-                torch.sum(go, 0, out=gb2[e])
+            weight_grad(None if gw2 is None else gw2[e], h_.detach().T, go)
+            bias_grad(None if gb2 is None else gb2[e], go)
             gg: Tensor | None = None
             if g_ is not None:
                 ga, gg = torch.autograd.grad(h_, [a_, g_], gh)
             else:
                 (ga,) = torch.autograd.grad(h_, [a_], gh)
-            if gw1 is not None:
-                torch.mm(xe.T, ga, out=gw1[e])
-            if gb1 is not None:
-                torch.sum(ga, 0, out=gb1[e])
-            if gwg is not None and gg is not None:
-                torch.mm(xe.T, gg, out=gwg[e])
+            weight_grad(None if gw1 is None else gw1[e], xe.T, ga)
+            bias_grad(None if gb1 is None else gb1[e], ga)
+            if gg is not None:
+                weight_grad(None if gwg is None else gwg[e], xe.T, gg)
             if gx is not None:
-                rows = gx[start : start + n]
-                torch.mm(ga, w1[e].T, out=rows)
+                rows = layout.target(gx, where)
+                rows = torch.mm(ga, w1[e].T, out=rows) if rows is not None else torch.mm(ga, w1[e].T)
                 if gg is not None:
                     rows.addmm_(gg, w_gate[e].T)
-            start += n
-        if gx is not None and start < x.shape[0]:  # unreachable: counts sum to N
-            gx[start:].zero_()
+                layout.put(gx, where, rows)
+        if gx is not None:
+            layout.zero_padding(gx)
         ctx.keep = None
         return gx, gw1, gw2, gwg, gb1, gb2, None, None
 
@@ -584,9 +736,26 @@ class FFNBank(ExpertBank):
         """``[E, d_out]`` bias each expert adds to its rows (``None``: none, or added elsewhere)."""
         return self.b2
 
-    def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
-        """``x [N, d]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]``."""
-        return grouped_ffn(x, counts, self.w1, self.w2, self.act, w_gate=self.w_gate, b1=self.b1, b2=self.expert_bias())
+    def forward(
+        self, x: Tensor, counts: Sequence[int], *, order: Tensor | None = None, weight_grad_scale: float = 1.0
+    ) -> Tensor:
+        """``x [N, d]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]``.
+
+        ``order`` and ``weight_grad_scale``: rows in any order and a factor on the parameters'
+        gradients, as :func:`grouped_ffn` takes them (expert parallelism passes both).
+        """
+        return grouped_ffn(
+            x,
+            counts,
+            self.w1,
+            self.w2,
+            self.act,
+            w_gate=self.w_gate,
+            b1=self.b1,
+            b2=self.expert_bias(),
+            order=order,
+            weight_grad_scale=weight_grad_scale,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -211,8 +211,16 @@ class MPOExperts(FFNBank):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        """``x [N, d]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]``.
+    def forward(
+        self,
+        x: torch.Tensor,
+        counts: Sequence[int],
+        *,
+        order: torch.Tensor | None = None,
+        weight_grad_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """``x [N, d]`` sorted by expert, ``counts[e]`` rows each -> ``[N, d_out]`` (``order``,
+        ``weight_grad_scale``: see :meth:`FFNBank.forward <mpolab_moe.experts.base.FFNBank.forward>`).
 
         When every matrix takes the rebuild path, the stacked weights ``[E, in, out]`` (hidden side
         digit-reversed where :attr:`hidden_groups` says so, ``b1`` reordered to match) go to the same
@@ -220,14 +228,24 @@ class MPOExperts(FFNBank):
         otherwise each matrix applies itself (through its cores where that is cheaper).
         """
         matrices = self.matrices()
-        if x.shape[0] and all(m.choose_path(x.shape[0]) == "dense" for m in matrices.values()):
+        num_rows = x.shape[0] if order is None else order.numel()
+        if num_rows and all(m.choose_path(num_rows) == "dense" for m in matrices.values()):
             w = {name: m.grouped_weights() for name, m in matrices.items()}
             groups = self.hidden_groups
             b1 = self.b1 if self.b1 is None or groups is None else digit_reversal(self.b1, groups)
             return grouped_ffn(
-                x, counts, w["w1"], w["w2"], self.act, w_gate=w.get("w_gate"), b1=b1, b2=self.expert_bias()
+                x,
+                counts,
+                w["w1"],
+                w["w2"],
+                self.act,
+                w_gate=w.get("w_gate"),
+                b1=b1,
+                b2=self.expert_bias(),
+                order=order,
+                weight_grad_scale=weight_grad_scale,
             )
-        return super().forward(x, counts)
+        return super().forward(x, counts, order=order, weight_grad_scale=weight_grad_scale)
 
     @property
     def dense_equivalent_params(self) -> int:

@@ -11,7 +11,11 @@ each rank its rows:
 2. ``all_to_all_single`` of the rows (*dispatch*). Dropless: variable split sizes, exactly the
    routed rows. With a capacity (GShard): fixed split sizes, ``capacity`` rows per expert padded
    with zeros, so the exchanged shapes do not depend on the routing.
-3. The local bank runs on the received rows regrouped by local expert (its own ``counts``).
+3. The local bank runs on the received rows, which arrive grouped (source rank, local expert).
+   An FFN bank (dense, sliced, MPO: :attr:`ExpertParallelBank.takes_order`) reads each local
+   expert's rows where they arrived (one slice per source) and writes its output rows back
+   there (:func:`~mpolab_moe.experts.base.grouped_ffn`'s ``order``): no regrouped copy either
+   way. Other banks (LoRA, IA3) take the rows regrouped by local expert and give them back.
 4. ``all_to_all_single`` back (*combine*), in the dispatch's order.
 
 The backward is the reverse exchange of both. An expert's owner receives the gradient of every
@@ -20,14 +24,16 @@ per-expert tensors' gradient divided by the group size and the replicated ones (
 tensors) not. The factor is applied inside the graph, on whichever side touches fewer numbers
 this forward: on the per-expert tensors' gradients, or on the gradient rows entering the local
 bank (``/ world``, ``* world`` on the rows leaving it and on the replicated tensors' gradients).
-On the rows' side the factor rides on the regrouping of the received rows (no pass of its own),
-so most banks take it: dense experts hold far more numbers than the rows they see (a hook
-dividing every expert weight's gradient was most of the exchange's cost), and LoRA / IA3 banks
-have no trainable replicated tensor to correct.
+On the rows' side the factor rides on a pass that happens anyway: inside the FFN banks' weight
+GEMMs (``weight_grad_scale``, the GEMM's ``alpha``), or on the regrouping of the received rows
+for the other banks; so most banks take it: dense experts hold far more numbers than the rows
+they see (a hook dividing every expert weight's gradient was most of the exchange's cost), and
+LoRA / IA3 banks have no trainable replicated tensor to correct.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 import zlib
 from collections.abc import Sequence
@@ -38,121 +44,11 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.func import functional_call
 
-from ..experts.base import BankOutput, ExpertBank
+from ..experts.base import BankOutput, ExpertBank, FFNBank
+from ..rows import place_rows, scale_gradient, take_rows, unused_rows
 from .collectives import ByteCounter, GroupRef, all_gather_rows, all_to_all, group_rank, group_size
 
-__all__ = ["ExpertParallelBank", "collective_device", "place_rows", "scale_gradient", "take_rows", "unused_rows"]
-
-
-class _ScaleGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, factor: float) -> Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.factor, None
-
-
-def _placed(x: Tensor, index: Tensor, pad: Tensor | None, size: int) -> Tensor:
-    """``[size, ...]``: row ``index[i]`` = ``x[i]``, the ``pad`` rows zero.
-
-    A gather through the inverse index, not a scatter: on the CPU ``index_select`` moves rows
-    about 3x faster than ``index_copy_`` (2 MB of rows: 70 us against 220 us on one core).
-    """
-    if x.shape[0] == 0:
-        return x.new_zeros(size, *x.shape[1:])
-    source = index.new_zeros(size)  # the pad rows read row 0, then are zeroed
-    source[index] = torch.arange(index.numel(), device=index.device)
-    out = x.index_select(0, source)
-    if pad is not None and pad.numel():
-        out.index_fill_(0, pad, 0)
-    return out
-
-
-class _TakeRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, y: Tensor, index: Tensor, pad: Tensor | None, grad_scale: float) -> Tensor:
-        ctx.save_for_backward(index, pad)
-        ctx.size, ctx.grad_scale = y.shape[0], grad_scale
-        return y.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        index, pad = ctx.saved_tensors
-        out = _placed(grad, index, pad, ctx.size)
-        return (out if ctx.grad_scale == 1.0 else out.mul_(ctx.grad_scale)), None, None, None
-
-
-class _PlaceRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, index: Tensor, pad: Tensor | None, size: int, grad_scale: float) -> Tensor:
-        ctx.save_for_backward(index)
-        ctx.grad_scale = grad_scale
-        return _placed(x, index, pad, size)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        (index,) = ctx.saved_tensors
-        out = grad.index_select(0, index)
-        return (out if ctx.grad_scale == 1.0 else out.mul_(ctx.grad_scale)), None, None, None, None
-
-
-def unused_rows(index: Tensor, size: int) -> Tensor | None:
-    """The rows of ``[0, size)`` that ``index`` (distinct row ids) leaves out, or ``None`` when it covers all."""
-    if index.numel() == size:
-        return None
-    free = torch.ones(size, dtype=torch.bool, device=index.device)
-    free[index] = False
-    return free.nonzero().squeeze(1)
-
-
-def take_rows(y: Tensor, index: Tensor, pad: Tensor | None = None, *, grad_scale: float = 1.0) -> Tensor:
-    """``y[index]`` for distinct row ids ``index``; the backward writes the gradient rows back in place.
-
-    Args:
-        y: ``[m, ...]``.
-        index: ``[n]`` distinct row ids of ``y`` (a permutation when ``n == m``).
-        pad: the rows of ``y`` that ``index`` leaves out (:func:`unused_rows`); their gradient is 0.
-        grad_scale: the gradient is multiplied by it on its way back (in the same pass).
-
-    ``index_select``'s own backward zero-fills an ``[m, ...]`` buffer and scatter-adds into it (its
-    index could repeat); with distinct ids one scatter and a zero-fill of the ``pad`` rows do.
-    """
-    if torch.is_grad_enabled() and y.requires_grad:
-        out: Tensor = _TakeRows.apply(y, index, pad, float(grad_scale))
-        return out
-    return y.index_select(0, index)
-
-
-def place_rows(x: Tensor, index: Tensor, pad: Tensor | None, size: int, *, grad_scale: float = 1.0) -> Tensor:
-    """``[size, ...]`` with row ``index[i]`` = ``x[i]`` and the ``pad`` rows zero; the backward is a gather.
-
-    Args:
-        x: ``[n, ...]``.
-        index: ``[n]`` distinct row ids in ``[0, size)``.
-        pad: every other row id (:func:`unused_rows`), or ``None`` when ``index`` covers them all.
-        size: rows of the result.
-        grad_scale: the gradient is multiplied by it on its way back (in the same pass).
-    """
-    if torch.is_grad_enabled() and x.requires_grad:
-        out: Tensor = _PlaceRows.apply(x, index, pad, size, float(grad_scale))
-        return out
-    return _placed(x, index, pad, size)
-
-
-def scale_gradient(x: Tensor, factor: float) -> Tensor:
-    """``x`` unchanged in the forward; its gradient multiplied by ``factor`` in the backward.
-
-    Examples:
-        >>> w = torch.ones(2, requires_grad=True)
-        >>> scale_gradient(w, 0.25).sum().backward()
-        >>> w.grad
-        tensor([0.2500, 0.2500])
-    """
-    out: Tensor = _ScaleGradient.apply(x, float(factor))
-    return out
+__all__ = ["ExpertParallelBank", "collective_device"]
 
 
 def collective_device(group: Any = None) -> torch.device:
@@ -218,6 +114,11 @@ class ExpertParallelBank(ExpertBank):
         self.scale_gradients_on = "auto"
         #: where the last training forward divided it: ``"rows"``, ``"parameters"`` (or ``None``)
         self.gradient_scaling: str | None = None
+        #: the local bank reads its rows in any order (an FFN bank whose ``forward`` takes ``order``
+        #: and ``weight_grad_scale``): the received rows are not regrouped (module doc)
+        self.takes_order = isinstance(local, FFNBank) and {"order", "weight_grad_scale"} <= set(
+            inspect.signature(type(local).forward).parameters
+        )
 
     @property
     def group(self) -> Any:
@@ -342,33 +243,57 @@ class ExpertParallelBank(ExpertBank):
         identity = El == 1 and slot is None
         group = self.group
         received = all_to_all(out_x, send, recv, group=group, name="dispatch", counter=self.counter)
-        # The experts' gradient is divided by the group size on the rows' side or the parameters' (module
-        # doc). Rows' side: the gradient entering the local bank / W, leaving it * W, folded into the moves.
-        side = self._gradient_side(0 if not identity else sum(local_counts))  # moved rows: scaled for free
-        row_scale = float(W) if side == "rows" else 1.0
-        # dropless: ``gather`` is a permutation of the received rows; capacity: the real rows, not the padding
-        gather_pad = None if identity else unused_rows(gather, received.shape[0])
-        if identity:
-            rows = received if row_scale == 1.0 else scale_gradient(received, row_scale)
+        if self.takes_order:
+            back = self._ordered_forward(received, local_counts, None if identity else gather)
         else:
-            rows = take_rows(received, gather, gather_pad, grad_scale=row_scale)
-        if rows.shape[0]:
-            y_local = self._local_forward(rows, local_counts, side)
-        else:
-            # Nothing to compute, but the graph must look as if: the received rows (so the dispatch's
-            # backward exchange runs here as on every other rank) and every parameter (DDP expects
-            # their gradients; Adam steps them with zeros as it does in one process) stay in it.
-            y_local = rows.new_zeros(0, self.out_features)
-            if torch.is_grad_enabled():
-                tied = [rows.sum()] + [p.sum().to(rows.dtype) for p in self.local.parameters() if p.requires_grad]
-                y_local = y_local + 0 * torch.stack(tied).sum()
-        if identity:
-            back = y_local if row_scale == 1.0 else scale_gradient(y_local, 1.0 / row_scale)
-        else:
-            back = place_rows(y_local, gather, gather_pad, received.shape[0], grad_scale=1.0 / row_scale)
+            back = self._regrouped_forward(received, local_counts, None if identity else gather)
         returned = all_to_all(back, recv, send, group=group, name="combine", counter=self.counter)
         y = returned if slot is None else take_rows(returned, slot, slot_pad)
         return y, totals
+
+    def _ordered_forward(self, received: Tensor, counts: list[int], order: Tensor | None) -> Tensor:
+        """The local FFN bank on the rows where they arrived: ``received [M, d]`` -> ``[M, d_out]``.
+
+        Each local expert gathers its rows by ``order`` (``None``: already in order) and writes its
+        output rows back to the same places (padding rows 0): no regrouped copy of the rows either
+        way. The rows' side of the gradient scaling is the bank's ``weight_grad_scale`` (inside
+        its GEMMs, no pass of its own).
+        """
+        if not sum(counts):
+            return self._idle_output(received, received.shape[0])
+        side = self._gradient_side(0)
+        return self._local_forward(received, counts, side, order=order)
+
+    def _regrouped_forward(self, received: Tensor, counts: list[int], gather: Tensor | None) -> Tensor:
+        """Any local bank: the received rows regrouped by local expert (``gather``; ``None``: already
+        grouped), the bank on them, its output put back in the received order (padding rows 0)."""
+        identity = gather is None
+        num_received = received.shape[0]
+        side = self._gradient_side(0 if not identity else sum(counts))  # moved rows: scaled for free
+        row_scale = float(self.world) if side == "rows" else 1.0
+        # dropless: ``gather`` is a permutation of the received rows; capacity: the real rows, not the padding
+        gather_pad = None if gather is None else unused_rows(gather, num_received)
+        if gather is None:
+            rows = received if row_scale == 1.0 else scale_gradient(received, row_scale)
+        else:
+            rows = take_rows(received, gather, gather_pad, grad_scale=row_scale)
+        y_local = self._local_forward(rows, counts, side) if rows.shape[0] else self._idle_output(rows, 0)
+        if gather is None:
+            return y_local if row_scale == 1.0 else scale_gradient(y_local, 1.0 / row_scale)
+        return place_rows(y_local, gather, gather_pad, num_received, grad_scale=1.0 / row_scale)
+
+    def _idle_output(self, rows: Tensor, num_rows: int) -> Tensor:
+        """``[num_rows, d_out]`` zeros for a rank whose experts received no row.
+
+        Nothing to compute, but the graph must look as if: the received rows (so the dispatch's
+        backward exchange runs here as on every other rank) and every parameter (DDP expects their
+        gradients; Adam steps them with zeros as it does in one process) stay in it.
+        """
+        out = rows.new_zeros(num_rows, self.out_features)
+        if torch.is_grad_enabled():
+            tied = [rows.sum()] + [p.sum().to(rows.dtype) for p in self.local.parameters() if p.requires_grad]
+            out = out + 0 * torch.stack(tied).sum()
+        return out
 
     def _gradient_side(self, num_rows: int) -> str | None:
         """Where this forward divides the experts' gradient by the group size: ``"rows"``, ``"parameters"``,
@@ -392,22 +317,29 @@ class ExpertParallelBank(ExpertBank):
         self.gradient_scaling = on
         return on
 
-    def _local_forward(self, rows: Tensor, counts: list[int], side: str | None) -> Tensor:
-        """The local bank on ``rows [n, d]``; the parameters' side of the gradient scaling (module doc).
+    def _local_forward(self, rows: Tensor, counts: list[int], side: str | None, order: Tensor | None = None) -> Tensor:
+        """The local bank on ``rows``; the parameters' side of the gradient scaling (module doc).
 
-        ``side="rows"``: the rows' gradient is already divided by the group size ``W`` on its way in,
-        so the replicated tensors' gradient is multiplied back by ``W``; ``"parameters"``: the
-        per-expert tensors' gradient is divided by ``W``; ``None``: nothing to do.
+        ``side="rows"``: the rows' gradient is divided by the group size ``W`` on its way in (by the
+        row moves, or, for a bank that takes an ``order``, inside its GEMMs), so the replicated
+        tensors' gradient is multiplied back by ``W``; ``"parameters"``: the per-expert tensors'
+        gradient is divided by ``W``; ``None``: nothing to do. ``order``: passed to a bank that
+        takes one (:attr:`takes_order`).
         """
+        kwargs: dict[str, Any] = {"order": order} if self.takes_order else {}
         if side is None:
-            return self.local(rows, counts)
+            return self.local(rows, counts, **kwargs)
         W = self.world
+        if side == "rows" and self.takes_order:
+            kwargs["weight_grad_scale"] = 1.0 / W
         swap = {
             name: scale_gradient(p, W if side == "rows" else 1.0 / W)
             for name, p in self.local.named_parameters()
             if p.requires_grad and (name in self.expert_names) == (side == "parameters")
         }
-        return functional_call(self.local, swap, (rows, counts)) if swap else self.local(rows, counts)
+        if swap:
+            return functional_call(self.local, swap, (rows, counts), kwargs)
+        return self.local(rows, counts, **kwargs)
 
     def extra_repr(self) -> str:
         return (
