@@ -106,3 +106,18 @@ def test_rows_in_any_order_with_padding_and_a_weight_gradient_factor(path, gated
         chunked_ffn(x, counts, params["w1"], params["w2"], act, order=order.to(torch.int32))
     with pytest.raises(ValueError, match="order lists 7 rows"):
         chunked_ffn(x, [4, 0, 4], params["w1"], params["w2"], act, order=order)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_an_input_modified_in_place_after_the_forward_is_refused_in_the_backward(ordered):
+    """The experts' input rows are saved for the backward as views of x: autograd's version check still holds."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, requires_grad=True)
+    h = x * 1  # a non-leaf, as a layer's input is
+    w1, w2 = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 8, 4, requires_grad=True)
+    order = torch.tensor([3, 4, 5, 0, 1, 2]) if ordered else None  # one run per expert: views of h
+    y = chunked_ffn(h, [3, 3], w1, w2, torch.relu, order=order)
+    torch.autograd.grad(y.sum(), [w1], retain_graph=True)  # fine before the modification
+    h.add_(1.0)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(y.sum(), [w1])

@@ -615,15 +615,16 @@ class _ChunkedFFN(torch.autograd.Function):
     ) -> Tensor:
         keep: list[tuple[Tensor, Tensor, Tensor | None]] = []
         out = _chunked_forward(x, w1, w2, w_gate, b1, b2, layout, act, keep)
-        # each expert's input rows are kept (views of x, or its gathered rows), not x itself
-        ctx.save_for_backward(w1, w2, w_gate, b1, b2)
+        # each expert's input rows are saved (views of x, or the rows it gathered), not x itself: the
+        # same numbers once, and a view still refuses a backward after x was modified in place
+        ctx.save_for_backward(w1, w2, w_gate, b1, b2, *(xe for xe, _, _ in keep))
         ctx.x_meta = (x.shape, x.dtype, x.device)
-        ctx.layout, ctx.act, ctx.keep = layout, act, keep
+        ctx.layout, ctx.act, ctx.keep = layout, act, [(a, g) for _, a, g in keep]
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        w1, w2, w_gate, b1, b2 = ctx.saved_tensors
+        w1, w2, w_gate, b1, b2, *inputs = ctx.saved_tensors
         layout: _Layout = ctx.layout
         scale = layout.weight_grad_scale
         needs = ctx.needs_input_grad
@@ -657,9 +658,9 @@ class _ChunkedFFN(torch.autograd.Function):
                     out.mul_(scale)
 
         grad_out = grad_out.contiguous()
-        pre = iter(ctx.keep)
+        pre = iter(zip(inputs, ctx.keep))
         for e, where in layout.groups():
-            xe, a, g = next(pre)
+            xe, (a, g) = next(pre)
             go = layout.take(grad_out, where)
             with torch.enable_grad():
                 a_ = a.detach().requires_grad_()
