@@ -55,8 +55,9 @@ def broadcast_seed(group: Any = None) -> int:
 
     A collective (a broadcast): every rank of ``group`` (``None``: the default group) must call it.
     """
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-    shared = torch.randint(2**62, (1,), dtype=torch.int64).to(device)
+    from .parallel.bank import collective_device  # here: the parallel package imports this module
+
+    shared = torch.randint(2**62, (1,), dtype=torch.int64).to(collective_device(group))
     dist.broadcast(shared, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     return int(shared.item())
 

@@ -21,6 +21,7 @@ Declaring a capability without its methods is a ``TypeError`` when the class is 
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -491,8 +492,8 @@ class _Layout:
     MAX_RUNS_PER_EXPERT = 4
 
     def __init__(self, counts: list[int], order: Tensor | None, size: int, weight_grad_scale: float) -> None:
-        self.counts, self.order, self.size, self.weight_grad_scale = counts, order, size, weight_grad_scale
-        starts = [sum(counts[:e]) for e in range(len(counts))]
+        self.counts, self.size, self.weight_grad_scale = counts, size, weight_grad_scale
+        starts = [0, *itertools.accumulate(counts)][:-1]
         self.where: list[_Where] = []
         runs = None if order is None else self._runs(order, starts)
         for e, (begin, n) in enumerate(zip(starts, counts)):
@@ -503,11 +504,7 @@ class _Layout:
             else:
                 self.where.append(order[begin : begin + n])
         # padding rows (not in ``order``): zero in the output and in the input's gradient
-        self.pad = None
-        if order is not None and order.numel() < size:
-            free = torch.ones(size, dtype=torch.bool, device=order.device)
-            free[order] = False
-            self.pad = free.nonzero().squeeze(1)
+        self.pad = None if order is None else unused_rows(order, size)
 
     def _runs(self, order: Tensor, starts: list[int]) -> list[list[tuple[int, int]]] | None:
         """Each expert's rows as ``(begin, length)`` runs of ``x``, or ``None`` (not on the CPU, too many runs)."""
