@@ -29,13 +29,16 @@ For each layer (dense experts top-1 and top-2, top-2 with a GShard capacity, MPO
   far more inside a step than back to back: *raw alone*). Ratio = EP adds / raw adds.
   Also shown: the time inside the layer's collectives (EP step minus the rank's time outside them).
 
-Timing: each rank is pinned to its own core (when there are enough); the variants alternate, every
-rank starting each one together; per iteration a variant's time is the slowest rank's, and each
-figure is the median over ``--repeats`` iterations of that variant (differences: the median of the
-per-iteration differences, so a slow stretch of the machine hits both sides). ``--keep-freed-memory``
-runs the ranks after :func:`mpolab.allocator.keep_freed_memory` (glibc reuses freed blocks instead
-of faulting fresh pages in for every new buffer). Run from the repository root:
-``python benchmarks/bench_distributed.py [--quick] [--tokens N] [--repeats N] [--keep-freed-memory]``.
+Timing: each rank is pinned to its own core (when there are enough); the variants alternate, in an
+order rotated every iteration (none always runs after the same one, whose freed memory, caches and
+page faults it would inherit), every rank starting each one together; per iteration a variant's
+time is the slowest rank's, and each figure is the median over ``--repeats`` iterations of that
+variant (differences: the median of the per-iteration differences, so a slow stretch of the
+machine hits both sides). ``--keep-freed-memory`` runs the ranks after
+:func:`mpolab.allocator.keep_freed_memory` (glibc reuses freed blocks instead of faulting fresh
+pages in for every new buffer). ``--layers`` picks some of the layers. Run from the repository root:
+``python benchmarks/bench_distributed.py [--quick] [--tokens N] [--repeats N] [--keep-freed-memory]
+[--layers NAME,...]``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import os
 import statistics
 import tempfile
@@ -146,7 +150,8 @@ class RawExchanges:
         if name == "gate statistics":
             dist.all_reduce(x, group=self.group)
         elif name == "routing table":
-            dist.all_gather_into_tensor(out, x, group=self.group)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # as the layer's
+            gather(out, x, group=self.group)
         else:
             dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=self.group)
 
@@ -169,7 +174,7 @@ def worker(rank: int, world: int, init: str, args: argparse.Namespace, results: 
                             timeout=datetime.timedelta(seconds=120))  # fmt: skip
     d, f, E, T = args.d_model, args.d_ff, args.experts, args.tokens
     rows = []
-    for layer in LAYERS:
+    for layer in (layer for layer in LAYERS if args.layers is None or layer.name in args.layers):
         g = torch.Generator().manual_seed(1)
         # the layer's input needs a gradient (a layer inside a model): the backward sends it back
         x_all = torch.randn(world * T, d, generator=g).requires_grad_()
@@ -219,13 +224,25 @@ def worker(rank: int, world: int, init: str, args: argparse.Namespace, results: 
         own_work()
         own_work(raw)
         times: dict[str, list[float]] = {"ep": [], "outside": [], "local": [], "ideal": [], "raw": []}
-        for _ in range(args.repeats):  # alternating: a disturbance of the machine hits every variant
-            counter.reset()
-            times["ep"].append(_time_synced(lambda: step(moe, x)))  # noqa: B023
-            times["outside"].append(times["ep"][-1] - counter.seconds)  # this rank outside the collectives
-            assert bank.last_local_counts == received
-            times["local"].append(_time_synced(own_work))
-            times["ideal"].append(_time_synced(lambda: own_work(raw)))  # noqa: B023
+
+        def ep_step() -> float:
+            counter.reset()  # noqa: B023
+            seconds = _time_synced(lambda: step(moe, x))  # noqa: B023
+            times["outside"].append(seconds - counter.seconds)  # noqa: B023 - this rank outside the collectives
+            assert bank.last_local_counts == received  # noqa: B023
+            return seconds
+
+        variants = {
+            "ep": ep_step,
+            "local": lambda: _time_synced(own_work),  # noqa: B023
+            "ideal": lambda: _time_synced(lambda: own_work(raw)),  # noqa: B023
+        }
+        names = list(variants)
+        for i in range(args.repeats):  # alternating: a disturbance of the machine hits every variant
+            # rotated each iteration: no variant always follows the same one (whose freed memory,
+            # caches and page faults it would inherit)
+            for name in names[i % 3 :] + names[: i % 3]:
+                times[name].append(variants[name]())
             times["raw"].append(_time_synced(raw.all))
         # per iteration, the slowest rank's time of each variant; the step costs are medians of the
         # iterations' differences (paired: a slow stretch of the machine hits both sides of a difference)
@@ -250,12 +267,29 @@ def worker(rank: int, world: int, init: str, args: argparse.Namespace, results: 
                 "raw_adds_ms": raw_adds * 1e3,
                 "raw_alone_ms": statistics.median(per_step["raw"]) * 1e3,
                 "in_collectives_ms": in_collectives * 1e3,
+                # per iteration, seconds (slowest rank): pooled over runs by ``--pool``
+                "iterations": {name: per_step[name] for name in ("ep", "local", "ideal")},
             }
         )
     if rank == 0:
         results.put(rows)  # type: ignore[attr-defined]
     dist.barrier()
     dist.destroy_process_group()
+
+
+def ratio_interval(iterations: dict[str, list[float]], draws: int = 2000) -> tuple[float, float, float]:
+    """EP adds / raw adds from per-iteration times, with a 90% bootstrap interval over the iterations.
+
+    ``iterations``: ``"ep"``, ``"local"``, ``"ideal"`` seconds per iteration (paired). The ratio is
+    ``median(ep - local) / median(ideal - local)``; the interval resamples the iterations (pairs kept).
+    """
+    ep, local, ideal = (torch.tensor(iterations[k], dtype=torch.float64) for k in ("ep", "local", "ideal"))
+    ep_adds, raw_adds = ep - local, ideal - local
+    ratio = float(ep_adds.median() / raw_adds.median())
+    pick = torch.randint(len(ep), (draws, len(ep)), generator=torch.Generator().manual_seed(0))
+    draws_ratio = ep_adds[pick].median(1).values / raw_adds[pick].median(1).values
+    low, high = torch.quantile(draws_ratio, torch.tensor([0.05, 0.95], dtype=torch.float64)).tolist()
+    return ratio, low, high
 
 
 def _time_synced(fn) -> float:  # noqa: ANN001
@@ -272,6 +306,35 @@ def _time_once(fn) -> float:  # noqa: ANN001
     return time.perf_counter() - start
 
 
+def print_pooled(paths: list[str]) -> None:
+    """The ratio pooled over the iterations of several ``--json`` runs, with its 90% bootstrap interval."""
+    pooled: dict[str, dict[str, list[float]]] = {}
+    runs: dict[str, int] = {}
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)["rows"]:
+                into = pooled.setdefault(r["layer"], {"ep": [], "local": [], "ideal": []})
+                for name, values in r["iterations"].items():
+                    into[name].extend(values)
+                runs[r["layer"]] = runs.get(r["layer"], 0) + 1
+    head = f"{'layer':<22}{'runs':>5}{'iterations':>11}{'EP adds ms':>11}{'raw adds ms':>12}{'ratio':>7}  90% interval"
+    print(head)
+    print("-" * len(head))
+    for layer, its in pooled.items():
+        ep_adds = statistics.median(e - o for e, o in zip(its["ep"], its["local"]))
+        raw_adds = statistics.median(i - o for i, o in zip(its["ideal"], its["local"]))
+        ratio, low, high = ratio_interval(its)
+        print(
+            f"{layer:<22}{runs[layer]:>5}{len(its['ep']):>11}{ep_adds * 1e3:>11.2f}{raw_adds * 1e3:>12.2f}"
+            f"{ratio:>7.2f}  {low:.2f}-{high:.2f}"
+        )
+    print(
+        "EP adds, raw adds: medians over all the runs' iterations of EP - local and raw in place - local; "
+        "ratio: their quotient (target <= 1.10); interval: 5th-95th percentile of the ratio over bootstrap "
+        "resamples of the iterations."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
@@ -280,11 +343,25 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=None)
     parser.add_argument("--d-ff", type=int, default=None)
     parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument(
+        "--layers", type=lambda text: text.split(","), default=None,
+        help=f"comma-separated layer names (default all: {', '.join(layer.name for layer in LAYERS)})",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=None, help="iterations per layer (default 15; quick 3)")
     parser.add_argument(
         "--keep-freed-memory", action="store_true", help="glibc keeps freed memory in the ranks (no page faults)"
     )
+    parser.add_argument("--json", metavar="PATH", help="also write the figures and every iteration's times here")
+    parser.add_argument(
+        "--pool", nargs="+", metavar="PATH", help="run nothing: pool the iterations of earlier --json files"
+    )
     args = parser.parse_args()
+    if args.pool:
+        print_pooled(args.pool)
+        return
+    unknown = set(args.layers or ()) - {layer.name for layer in LAYERS}
+    if unknown:
+        parser.error(f"unknown layers {sorted(unknown)}; choose from {[layer.name for layer in LAYERS]}")
     args.tokens = args.tokens or (256 if args.quick else 1024)
     args.d_model = args.d_model or (128 if args.quick else 512)
     args.d_ff = args.d_ff or (4 * args.d_model)
@@ -301,6 +378,9 @@ def main() -> None:
                 pass
         except mp.ProcessExitedException as exc:
             print(f"(a rank ended abnormally after reporting: {exc})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "pool"}, "rows": rows}, f)
     print(
         f"gloo, {args.world} ranks x 1 thread; E={args.experts}, d={args.d_model}, F={args.d_ff}, "
         f"{args.tokens} tokens per rank (global batch {args.world * args.tokens}); medians of {args.repeats} "
@@ -308,24 +388,27 @@ def main() -> None:
     )
     head = (
         f"{'layer':<22}{'1 proc ms':>10}{'EP ms':>9}{'speed-up':>9}{'fwd MB':>9}{'analytic':>9}{'fwd+bwd MB':>11}"
-        f"{'local ms':>9}{'EP adds':>8}{'raw adds':>9}{'ratio':>7}{'raw alone':>10}{'in coll.':>9}"
+        f"{'local ms':>9}{'EP adds':>8}{'raw adds':>9}{'ratio':>7}{'90% interval':>13}{'raw alone':>10}{'in coll.':>9}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         ep_adds, raw_adds = r["ep_adds_ms"], r["raw_adds_ms"]
+        _, low, high = ratio_interval(r["iterations"])
+        interval = f"{low:.2f}-{high:.2f}"
         print(
             f"{r['layer']:<22}{r['single_ms']:>10.1f}{r['ep_ms']:>9.1f}{r['single_ms'] / r['ep_ms']:>8.2f}x"
             f"{r['forward_bytes'] / 1e6:>9.2f}{r['analytic'] / 1e6:>9.2f}{r['step_bytes'] / 1e6:>11.2f}"
-            f"{r['local_ms']:>9.1f}{ep_adds:>8.1f}{raw_adds:>9.1f}{ep_adds / raw_adds:>7.2f}"
+            f"{r['local_ms']:>9.1f}{ep_adds:>8.1f}{raw_adds:>9.1f}{ep_adds / raw_adds:>7.2f}{interval:>13}"
             f"{r['raw_alone_ms']:>10.2f}{r['in_collectives_ms']:>9.2f}"
         )
     print(
         "fwd MB: dispatch + combine sent, all ranks; analytic: routed rows x d x 2 x 4 bytes; local: the rank's own "
         "work alone (gate, sort, its experts on the rows they receive, scatter; fwd+bwd); EP adds: EP - local; raw "
         "adds: the local work with the layer's collectives replayed raw where the layer runs them, minus local "
-        "(the transfers and the waits they impose); ratio: EP adds / raw adds (target <= 1.10); raw alone: the "
-        "collectives back to back; in coll.: EP step - its time outside the collectives. Medians (see --help)."
+        "(the transfers and the waits they impose); ratio: EP adds / raw adds (target <= 1.10), with a 90% "
+        "bootstrap interval over the iterations; raw alone: the collectives back to back; in coll.: EP step - its "
+        "time outside the collectives. Medians (see --help). Pool several runs' --json files with --pool."
     )
 
 
