@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .experts.base import Capability, ExpertBank, SoftBank
 from .gates.base import BankBoundGate, Gate
 from .routing import Routing, RoutingStats
+from .rows import combine_rows
 
 __all__ = ["ExchangingBank", "MoE", "aux_loss", "check_pair", "moe_layers"]
 
@@ -21,21 +22,26 @@ __all__ = ["ExchangingBank", "MoE", "aux_loss", "check_pair", "moe_layers"]
 class ExchangingBank(Protocol):
     """A bank whose experts live in several processes (:class:`mpolab_moe.parallel.ExpertParallelBank`).
 
-    :class:`MoE` hands it the sorted rows with what a plain bank does not need: the capacity (a
-    fixed-size exchange), this process's routing statistics to sum over the group, and a
-    fingerprint of the layer's routing configuration that every rank must share.
+    :class:`MoE` hands it the tokens, which token each routed row is (sorted by expert) and its
+    combine weight, with what a plain bank does not need: the capacity (a fixed-size exchange),
+    this process's routing statistics to sum over the group, and a fingerprint of the layer's
+    routing configuration that every rank must share. The bank gathers the rows and combines
+    their outputs itself, in whatever layout its exchange wants.
     """
 
     def exchange_forward(
         self,
-        x: Tensor,
+        tokens: Tensor,
+        token: Tensor | None,
+        weight: Tensor | None,
         counts: list[int],
         *,
         capacity: int | None,
         stats: Sequence[int],
         config: Sequence[tuple[str, int]],
     ) -> tuple[Tensor, Tensor]:
-        """``x [N, d]`` sorted by expert -> ``([N, d_out], [E + len(stats)])``: rows, counts and stats summed."""
+        """``tokens [T, d]``, ``token [N]`` (sorted by expert), ``weight [N]`` -> ``([T, d_out], [E + len(stats)])``:
+        the tokens' combined outputs, and the group's rows per expert and ``stats`` summed."""
         ...
 
 
@@ -234,14 +240,15 @@ class MoE(nn.Module):
         reached[token] = True
         without = int((~reached).sum())
         if isinstance(self.experts, ExchangingBank):  # every rank must call it, even with no rows
-            y, totals = self.experts.exchange_forward(
-                tokens.index_select(0, token),
+            out, totals = self.experts.exchange_forward(
+                tokens,
+                token,
+                combine,
                 counts.tolist(),
                 capacity=capacity,
                 stats=[dropped, without, T],
                 config=self._config_fingerprint(),
             )
-            out = _combine(y, token, combine, T)
             self._record(
                 routing, totals[:E], dropped=int(totals[E]), without=int(totals[E + 1]), num_tokens=int(totals[E + 2])
             )
@@ -249,7 +256,7 @@ class MoE(nn.Module):
         if token.numel() == 0:  # an empty batch, or no token routed: no bank call on empty groups
             out = self._zeros_in_graph(tokens, T)
         else:
-            out = _combine(self.experts(tokens.index_select(0, token), counts.tolist()), token, combine, T)
+            out = combine_rows(self.experts(tokens.index_select(0, token), counts.tolist()), token, combine, T)
         self._record(routing, counts.detach(), dropped=dropped, without=without)
         return out
 
@@ -292,15 +299,6 @@ class MoE(nn.Module):
             return "dropless"
         where = "training and eval" if self.capacity_in_eval else "training only"
         return f"capacity_factor={self.capacity_factor} ({where})"
-
-
-def _combine(rows: Tensor, token: Tensor, weight: Tensor, num_tokens: int) -> Tensor:
-    """``[T, d_out]``: each routed row ``rows [N, d_out]`` times its ``weight [N]`` added to its ``token [N]``.
-
-    ``index_add_``, not ``index_put_``: its backward gathers instead of zero-filling a full gradient.
-    """
-    out = rows.new_zeros(num_tokens, rows.shape[-1])
-    return out.index_add_(0, token, rows * weight.to(rows.dtype).unsqueeze(-1))
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoE]:

@@ -1,4 +1,5 @@
-"""Row moves with autograd: gather and place rows by distinct ids, scale a gradient in passing.
+"""Row moves with autograd: gather and place rows by distinct ids, scale a gradient in passing, combine
+routed rows into their tokens.
 
 The expert-parallel exchange and the banks that take their rows in any order
 (:func:`~mpolab_moe.experts.base.grouped_ffn` with ``order``) move rows with these. The ids are
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["place_rows", "scale_gradient", "take_rows", "unused_rows"]
+__all__ = ["combine_rows", "place_rows", "scale_gradient", "take_rows", "unused_rows"]
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -126,3 +127,18 @@ def scale_gradient(x: Tensor, factor: float) -> Tensor:
     """
     out: Tensor = _ScaleGradient.apply(x, float(factor))
     return out
+
+
+def combine_rows(rows: Tensor, token: Tensor, weight: Tensor, num_tokens: int) -> Tensor:
+    """``[num_tokens, d]``: each row of ``rows [n, d]`` times its ``weight [n]`` added to its ``token [n]``.
+
+    ``token`` may repeat (top-k routing sends a token to several experts). ``index_add_``, not
+    ``index_put_``: its backward gathers instead of zero-filling a full gradient.
+
+    Examples:
+        >>> combine_rows(torch.ones(3, 2), torch.tensor([0, 1, 0]), torch.tensor([0.5, 1.0, 0.25]), 2)
+        tensor([[0.7500, 0.7500],
+                [1.0000, 1.0000]])
+    """
+    out = rows.new_zeros(num_tokens, rows.shape[-1])
+    return out.index_add_(0, token, rows * weight.to(rows.dtype).unsqueeze(-1))

@@ -255,6 +255,30 @@ def test_expert_parallel_matches_single_process_4_ranks() -> None:
     run_distributed(_equivalence_worker, 4, CASES_4, timeout=120)
 
 
+def _empty_batch_worker(rank: int, world: int) -> None:
+    # the last rank has no token this step (a dataset split unevenly): it still joins every exchange
+    # (forward and backward), and the others' results are those of one process on their tokens
+    for capacity_factor in (None, 1.0):
+        ref = _build(Case("dense", k=2, capacity_factor=capacity_factor))
+        ep = expert_parallel(copy.deepcopy(ref))
+        mine = _batch(0, world)[0][rank * T : (rank + 1) * T]
+        x = (mine if rank < world - 1 else mine[:0]).clone().requires_grad_()
+        y = ep(x)
+        y.square().sum().backward()
+        assert y.shape == (x.shape[0], D) and x.grad is not None and x.grad.shape == x.shape
+        if rank < world - 1:
+            x_ref = mine.clone().requires_grad_()
+            y_ref = ref(x_ref)
+            y_ref.square().sum().backward()
+            _close(f"capacity {capacity_factor}: output", y, y_ref)
+            _close(f"capacity {capacity_factor}: input gradient", x.grad, x_ref.grad)
+            assert ep.last_stats is not None and ep.last_stats.num_tokens == (world - 1) * T
+
+
+def test_a_rank_with_an_empty_batch_joins_the_exchange() -> None:
+    run_distributed(_empty_batch_worker, 2, timeout=60)
+
+
 # ---------------------------------------------------------------------------------------- structure
 
 

@@ -1,8 +1,8 @@
 """``ExpertParallelBank``: this rank's experts, and the all-to-all that brings them their tokens.
 
-:class:`~mpolab_moe.MoE` sorts its routed rows by global expert and hands them to the bank with
-``counts [E]``. The rows of the experts another rank owns are contiguous, so one exchange sends
-each rank its rows:
+:class:`~mpolab_moe.MoE` hands the bank its tokens, the token of each routed row with the rows
+sorted by global expert, their combine weights and ``counts [E]``. The rows of the experts
+another rank owns are contiguous, so one exchange sends each rank its rows:
 
 1. ``all_gather`` of a small int64 vector per rank: its ``counts [E]``, its routing statistics,
    its capacity and the layer's configuration fingerprint (a mismatch raises ``ValueError`` on
@@ -10,13 +10,16 @@ each rank its rows:
    each of its experts, and the global ``tokens_per_expert``.
 2. ``all_to_all_single`` of the rows (*dispatch*). Dropless: variable split sizes, exactly the
    routed rows. With a capacity (GShard): fixed split sizes, ``capacity`` rows per expert padded
-   with zeros, so the exchanged shapes do not depend on the routing.
+   with zeros, so the exchanged shapes do not depend on the routing; the padded buffer is
+   gathered straight from the tokens (no sorted copy padded afterwards).
 3. The local bank runs on the received rows, which arrive grouped (source rank, local expert).
    An FFN bank (dense, sliced, MPO: :attr:`ExpertParallelBank.takes_order`) reads each local
    expert's rows where they arrived (one slice per source) and writes its output rows back
    there (:func:`~mpolab_moe.experts.base.grouped_ffn`'s ``order``): no regrouped copy either
    way. Other banks (LoRA, IA3) take the rows regrouped by local expert and give them back.
-4. ``all_to_all_single`` back (*combine*), in the dispatch's order.
+4. ``all_to_all_single`` back (*combine*), in the dispatch's order; the bank weights the returned
+   rows and adds them to their tokens (with a capacity, reading the padded buffer where it
+   arrived: the padding rows weigh 0).
 
 The backward is the reverse exchange of both. An expert's owner receives the gradient of every
 rank's loss; the gradient convention (see :func:`mpolab_moe.parallel.expert_parallel`) wants the
@@ -45,7 +48,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..experts.base import BankOutput, ExpertBank, FFNBank
-from ..rows import place_rows, scale_gradient, take_rows, unused_rows
+from ..rows import combine_rows, place_rows, scale_gradient, take_rows, unused_rows
 from .collectives import ByteCounter, GroupRef, all_gather_rows, all_to_all, group_rank, group_size
 
 __all__ = ["ExpertParallelBank", "collective_device"]
@@ -150,7 +153,7 @@ class ExpertParallelBank(ExpertBank):
 
     def forward(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         """``x [N, d]`` sorted by global expert, ``counts [E]`` -> ``[N, d_out]`` (dropless exchange)."""
-        y, _ = self.exchange_forward(x, list(counts), capacity=None, stats=[], config=[])
+        y, _ = self.exchange_forward(x, None, None, list(counts), capacity=None, stats=[], config=[])
         return y
 
     # ------------------------------------------------------------------ the exchange
@@ -181,17 +184,22 @@ class ExpertParallelBank(ExpertBank):
 
     def exchange_forward(
         self,
-        x: Tensor,
+        tokens: Tensor,
+        token: Tensor | None,
+        weight: Tensor | None,
         counts: list[int],
         *,
         capacity: int | None,
         stats: Sequence[int],
         config: Sequence[tuple[str, int]],
     ) -> tuple[Tensor, Tensor]:
-        """Run this layer's routed rows on their owners and bring the results back.
+        """Run this layer's routed rows on their owners, bring the results back and combine them.
 
         Args:
-            x: ``[N, d]`` rows sorted by global expert (``counts[e]`` rows for expert ``e``).
+            tokens: ``[T, d]`` the layer's tokens.
+            token: ``[N]`` the token of each routed row, the rows sorted by global expert
+                (``counts[e]`` rows for expert ``e``); ``None``: ``tokens`` are those rows.
+            weight: ``[N]`` each row's combine weight; ``None``: no combine (see Returns).
             counts: ``E`` rows per expert.
             capacity: ``None`` (dropless, variable split sizes) or the per-expert capacity of
                 this rank's batch (fixed split sizes: the largest capacity of the group).
@@ -199,36 +207,57 @@ class ExpertParallelBank(ExpertBank):
             config: ``(name, value)`` pairs of the layer's configuration that every rank must share.
 
         Returns:
-            ``y [N, d_out]`` in ``x``'s order, and ``[E + len(stats)]`` int64: the group's tokens
-            per expert and ``stats`` summed.
+            ``[T, d_out]``, each token's rows' outputs weighted and summed (``weight=None``:
+            ``[N, d_out]``, the rows' outputs in their sorted order), and ``[E + len(stats)]``
+            int64: the group's rows per expert and ``stats`` summed.
+
+        With a capacity the padded send buffer is gathered straight from ``tokens`` and the
+        combine reads the returned buffer where it arrived (padding rows weigh 0): no sorted
+        copy of the rows is padded on the way out nor unpadded on the way back.
         """
         E, W = self.num_experts, self.world
         if len(counts) != E:
             raise ValueError(f"counts has {len(counts)} entries, the expert-parallel bank routes {E} experts")
+        if weight is not None and token is None:
+            raise ValueError(
+                "exchange_forward: a combine weight needs token, the token of each row (token=None: no combine)"
+            )
         checks = [*config, *self.fingerprint()]
         checks.append(("exchange mode (dropless or capacity)", int(capacity is not None)))
         checks.append(("number of statistics", len(stats)))
         row = [*counts, *stats, -1 if capacity is None else int(capacity), *(v for _, v in checks)]
-        table = self._gather_table(row, x.device if x.device.type != "cpu" else collective_device(self.group))
+        device = tokens.device if tokens.device.type != "cpu" else collective_device(self.group)
+        table = self._gather_table(row, device)
         self._check_agreement(table, [n for n, _ in checks], E + len(stats) + 1)
         totals = table[:, : E + len(stats)].sum(0)
         lo, hi, El = self.lo, self.hi, self.hi - self.lo
         recv_counts = table[:, lo:hi]  # [W, El]: rows each source sends each of my experts
         starts = self.starts
-        dev = x.device
+        dev = tokens.device
         if capacity is None:
             per_rank = [sum(counts[starts[r] : starts[r + 1]]) for r in range(W)]
             send, recv = per_rank, recv_counts.sum(1).tolist()
             seg_start = (recv_counts.flatten().cumsum(0) - recv_counts.flatten()).view(W, El)
-            out_x, slot, slot_pad = x, None, None
+            out_x = tokens if token is None else tokens.index_select(0, token)
+            slot, slot_pad, slot_token = None, None, None
         else:
             C = int(table[:, E + len(stats)].max())
             counts_t = torch.tensor(counts, dtype=torch.int64)
             group_start = counts_t.cumsum(0) - counts_t
             expert_of_row = torch.repeat_interleave(torch.arange(E), counts_t)
-            slot = (expert_of_row * C + torch.arange(x.shape[0]) - group_start[expert_of_row]).to(dev)
+            num_rows = int(counts_t.sum())
+            slot = (expert_of_row * C + torch.arange(num_rows) - group_start[expert_of_row]).to(dev)
             slot_pad = unused_rows(slot, E * C)
-            out_x = place_rows(x, slot, slot_pad, E * C)  # padded to C rows per expert
+            slot_token = None
+            if token is None:
+                out_x = place_rows(tokens, slot, slot_pad, E * C)  # padded to C rows per expert
+            elif tokens.shape[0]:  # one gather from the tokens, the padding rows zeroed (row 0 read for them)
+                slot_token = token.new_zeros(E * C).index_copy_(0, slot, token)
+                out_x = tokens.index_select(0, slot_token)
+                if slot_pad is not None:
+                    out_x = out_x.index_fill(0, slot_pad, 0.0)
+            else:  # no token to read row 0 from; still in the graph, for the backward exchange
+                out_x = place_rows(tokens.index_select(0, token), slot, slot_pad, E * C)
             send = [self.placement[r] * C for r in range(W)]
             recv = [El * C] * W
             seg_start = (torch.arange(W * El) * C).view(W, El)
@@ -248,8 +277,18 @@ class ExpertParallelBank(ExpertBank):
         else:
             back = self._regrouped_forward(received, local_counts, None if identity else gather)
         returned = all_to_all(back, recv, send, group=group, name="combine", counter=self.counter)
-        y = returned if slot is None else take_rows(returned, slot, slot_pad)
-        return y, totals
+        if slot is None:  # dropless: the returned rows are in the sorted order
+            if weight is None or token is None:
+                return returned, totals
+            return combine_rows(returned, token, weight, tokens.shape[0]), totals
+        if weight is None or token is None or slot_token is None:
+            y = take_rows(returned, slot, slot_pad)
+            if weight is None or token is None:
+                return y, totals
+            return combine_rows(y, token, weight, tokens.shape[0]), totals
+        # the padded buffer combined where it arrived: its padding rows are zero and weigh 0
+        slot_weight = weight.new_zeros(E * C).index_copy(0, slot, weight)
+        return combine_rows(returned, slot_token, slot_weight, tokens.shape[0]), totals
 
     def _ordered_forward(self, received: Tensor, counts: list[int], order: Tensor | None) -> Tensor:
         """The local FFN bank on the rows where they arrived: ``received [M, d]`` -> ``[M, d_out]``.
