@@ -254,8 +254,8 @@ class ExpertParallelBank(ExpertBank):
             elif tokens.shape[0]:  # one gather from the tokens, the padding rows zeroed (row 0 read for them)
                 slot_token = token.new_zeros(E * C).index_copy_(0, slot, token)
                 out_x = tokens.index_select(0, slot_token)
-                if slot_pad is not None:
-                    out_x = out_x.index_fill(0, slot_pad, 0.0)
+                if slot_pad is not None:  # in place: index_select's backward does not read its result
+                    out_x.index_fill_(0, slot_pad, 0.0)
             else:  # no token to read row 0 from; still in the graph, for the backward exchange
                 out_x = place_rows(tokens.index_select(0, token), slot, slot_pad, E * C)
             send = [self.placement[r] * C for r in range(W)]
