@@ -278,17 +278,14 @@ class ExpertParallelBank(ExpertBank):
             back = self._regrouped_forward(received, local_counts, None if identity else gather)
         returned = all_to_all(back, recv, send, group=group, name="combine", counter=self.counter)
         if slot is None:  # dropless: the returned rows are in the sorted order
-            if weight is None or token is None:
-                return returned, totals
-            return combine_rows(returned, token, weight, tokens.shape[0]), totals
-        if weight is None or token is None or slot_token is None:
-            y = take_rows(returned, slot, slot_pad)
-            if weight is None or token is None:
-                return y, totals
-            return combine_rows(y, token, weight, tokens.shape[0]), totals
-        # the padded buffer combined where it arrived: its padding rows are zero and weigh 0
-        slot_weight = weight.new_zeros(E * C).index_copy(0, slot, weight)
-        return combine_rows(returned, slot_token, slot_weight, tokens.shape[0]), totals
+            y, y_token, y_weight = returned, token, weight
+        elif slot_token is not None and weight is not None:  # where it arrived: padding rows are 0 and weigh 0
+            y, y_token, y_weight = returned, slot_token, weight.new_zeros(E * C).index_copy(0, slot, weight)
+        else:
+            y, y_token, y_weight = take_rows(returned, slot, slot_pad), token, weight
+        if y_token is None or y_weight is None:
+            return y, totals
+        return combine_rows(y, y_token, y_weight, tokens.shape[0]), totals
 
     def _ordered_forward(self, received: Tensor, counts: list[int], order: Tensor | None) -> Tensor:
         """The local FFN bank on the rows where they arrived: ``received [M, d]`` -> ``[M, d_out]``.
